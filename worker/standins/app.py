@@ -1,0 +1,52 @@
+"""The stand-in destinations as one aiohttp app: `segment-worker standins` and tests run it."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from worker.standins import amberflo, amplitude, brevo, reteno
+from worker.standins.faults import Faults, StandinState
+
+STANDINS = {"amplitude": amplitude, "amberflo": amberflo, "reteno": reteno, "brevo": brevo}
+STATE_KEY: web.AppKey[dict[str, StandinState]] = web.AppKey("standin_state", dict)
+
+
+def make_app(credentials: dict[str, str]) -> web.Application:
+    """`credentials` maps destination name -> the API key its stand-in accepts."""
+    app = web.Application(client_max_size=20 * 1024 * 1024)
+    states = {name: StandinState(name) for name in STANDINS}
+    app[STATE_KEY] = states
+    for name, module in STANDINS.items():
+        module.register(app, states[name], credentials[name])
+
+    async def set_faults(request: web.Request) -> web.Response:
+        state = _state(request)
+        try:
+            state.set_faults(Faults.from_json(await request.json()))
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(state.summary())
+
+    async def received(request: web.Request) -> web.Response:
+        return web.json_response(list(_state(request).received.values()))
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(_state(request).summary())
+
+    async def reset(request: web.Request) -> web.Response:
+        _state(request).reset()
+        return web.json_response({"reset": True})
+
+    app.router.add_post("/_standin/{dest}/faults", set_faults)
+    app.router.add_get("/_standin/{dest}/received", received)
+    app.router.add_get("/_standin/{dest}/stats", stats)
+    app.router.add_post("/_standin/{dest}/reset", reset)
+    return app
+
+
+def _state(request: web.Request) -> StandinState:
+    states = request.app[STATE_KEY]
+    dest = request.match_info["dest"]
+    if dest not in states:
+        raise web.HTTPNotFound(text=f"unknown stand-in {dest!r}")
+    return states[dest]
