@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from worker.segment.event import SegmentEvent
 
 
-class Skip(Exception):  # noqa: N818 - a deliberate, counted filter, not an error
+class Skip(Exception):
     """The event is deliberately not sent (e.g. Amberflo identify without userId); counted by reason."""
 
     def __init__(self, reason: str) -> None:

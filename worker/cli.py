@@ -1,0 +1,110 @@
+"""The `segment-worker` command (also `python -m worker`). Command names are DESIGN.md's public contract."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+import click
+
+from worker import health, logs
+from worker.config import Settings, load_settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]  # type: ignore[no-any-return]
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@click.group()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="dotenv-style file; env wins")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
+    """Segment-spec events on Kafka: normalise, enrich, fan out, deliver."""
+    logs.configure(log_level.upper())
+    ctx.ensure_object(dict)
+    ctx.obj["settings"] = load_settings(config_file)
+
+
+@cli.command()
+@click.option("--port", default=9092, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def broker(port: int, host: str) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, memory storage) in the foreground."""
+    from worker.kafka.broker import run_foreground
+
+    sys.exit(run_foreground(port, host))
+
+
+@cli.group()
+def topics() -> None:
+    """Topic administration."""
+
+
+@topics.command("create")
+@click.option("--partitions", type=int, help="partitions for new topics (default TOPIC_PARTITIONS)")
+@click.pass_context
+def topics_create(ctx: click.Context, partitions: int | None) -> None:
+    """Create every topic with configured partitions; safe to re-run."""
+    from worker.topics import create_all
+
+    settings = _settings(ctx)
+    if partitions:
+        settings = settings.model_copy(update={"topic_partitions": partitions})
+    for name, state in sorted(create_all(settings).items()):
+        click.echo(f"{state:8} {name}")
+
+
+@cli.command()
+@click.pass_context
+def normalize(ctx: click.Context) -> None:
+    """Run the normaliser consumer group (segment.raw -> segment.dest.*)."""
+    from worker.normalize.app import build
+
+    settings = _settings(ctx)
+    health.serve(settings.metrics_port)
+    loop, reader = build(settings)
+    _stop_on_signals(loop.stop)
+    reader.start()
+    try:
+        loop.run()
+    finally:
+        reader.close()
+
+
+@cli.command()
+@click.argument("topic")
+@click.option("--from-beginning", is_flag=True, help="start at the oldest message (default: only new ones)")
+@click.option("-n", "limit", type=int, help="stop after N messages")
+@click.option("--idle", "idle_timeout", type=float, help="stop after this many quiet seconds")
+@click.pass_context
+def tail(ctx: click.Context, topic: str, from_beginning: bool, limit: int | None, idle_timeout: float | None) -> None:
+    """Print TOPIC's messages decoded (JSON lines) with key, partition, offset and headers."""
+    from worker.tail import tail as run_tail
+
+    settings = _settings(ctx)
+    name = topic if topic.startswith(settings.topic_prefix) else settings.topic(topic)
+    run_tail(settings.kafka_properties, name, from_beginning, limit, idle_timeout)
+
+
+@cli.command()
+@click.option("--keep-running", is_flag=True, help="leave the stack up and print how to send more")
+@click.pass_context
+def demo(ctx: click.Context, keep_running: bool) -> None:
+    """Everything on one machine with the embedded broker; sends sample traffic and prints what came out."""
+    from worker.demo import run_demo
+
+    sys.exit(run_demo(_settings(ctx), keep_running))
+
+
+def main() -> None:
+    cli(prog_name="segment-worker")

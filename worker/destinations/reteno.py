@@ -1,0 +1,276 @@
+"""Reteno: Segment events -> anonymous devices, contacts and events (seed 002).
+
+Endpoints (Reteno is built on the eSputnik/Yespo platform and shares its public API):
+- `POST {mobile}/api/v1/device` registers a device, optionally linked to a user. Body fields as the
+  Reteno SDKs send them (reteno-com/reteno-mobile-android-sdk, `DeviceRemote`: deviceId,
+  externalUserId, pushToken, category MOBILE|TABLET, osType ANDROID|IOS, osVersion, deviceModel,
+  appVersion, languageCode, timeZone) and as seed 002 shows.
+- `POST {default}/api/v1/contact` adds or updates one contact synchronously
+  (https://docs.reteno.com/docs/real-time-contact-updating,
+  https://docs.reteno.com/docs/adding-new-users): `channels` is required, custom fields are
+  `{"id": <field id>, "value": ...}`, the external id is `externalCustomerId`.
+- `POST {default}/api/v2/event` generates one event
+  (https://docs.reteno.com/docs/validating-event-parameters,
+  https://docs.esputnik.com/docs/using-the-generate-event-api-resource): `eventTypeKey` (max 100
+  characters, none of `< ; ' \\ / | " ` ^ ? ! , >`), `keyValue` (determines the event's uniqueness,
+  max 300), `params` as a list of `{"name", "value"}`, which must carry a contact identifier
+  (externalCustomerId, email, ...). Content is limited to 20 KB per event.
+All three take the `X-Reteno-Access-Key` header
+(https://docs.yespo.io/reference/managing-mobile-sdk-access-keys) and one item per request.
+
+Where the seed and the API reference differ, the API reference wins:
+- the seed's contact template always sends the email channel, with an empty value when the user has
+  no email; the API requires a real channel, so a contact is sent only when it has one;
+- the seed renders missing values as "" (FreeMarker `!`); sending "" would blank the stored field,
+  so missing values are left out instead;
+- the seed's event payload has no `keyValue`; we set it to the Segment messageId so redelivery is
+  recognised as the same event (DESIGN.md: dedupe keys come from messageId), and put the contact
+  identifier in `params` as the API asks when keyValue is not the contact key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.destinations.base import (
+    Endpoint,
+    InvalidEvent,
+    Item,
+    ItemResult,
+    Outcome,
+    Request,
+    Skip,
+    Verdict,
+    classify_status,
+)
+from worker.segment.event import SegmentEvent
+
+ACCESS_KEY_HEADER = "X-Reteno-Access-Key"
+
+DEVICES = Endpoint("devices", "POST", "mobile", "/api/v1/device")
+CONTACTS = Endpoint("contacts", "POST", "default", "/api/v1/contact")
+EVENTS = Endpoint("events", "POST", "default", "/api/v2/event", max_bytes=20 * 1024)
+
+EVENT_TYPE_KEY_MAX = 100
+OS_TYPES = ("IOS", "ANDROID")
+KEY_VALUE_MAX = 300
+# Characters the API refuses in eventTypeKey and keyValue.
+_FORBIDDEN_KEY_CHARS = re.compile(r"[<;\u2019'\\/|\"`^?!,>]")
+# The documented 400 body of an event type with parameter validation switched on.
+_REQUIRED_PARAMS_PREFIX = "The event should have the following params"
+
+
+class RetenoConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RETENO_", extra="ignore")
+
+    access_key: SecretStr | None = None
+    base_url: str = "https://api.reteno.com"
+    mobile_base_url: str = "https://mobile-api.reteno.com"
+    # Where each Reteno custom field (by id) takes its value from (JSON in RETENO_CONTACT_FIELDS):
+    # a trait name (`plan`), `userId`/`anonymousId`, or a dotted path into the event
+    # (`context.location.city`, `traits.plan`). Field ids are per account, so there is no default.
+    contact_fields: dict[str, int] = {}
+    # Seed 002: "category": "MOBILE" is hard-coded and mandatory on device registration.
+    category: str = "MOBILE"
+    # The seed's contact payload names the app on the channel (`device.appId`); sent when set.
+    app_id: str | None = None
+
+
+class Reteno:
+    """The Reteno destination: identify -> device + contact, track/page/screen -> event."""
+
+    name = "reteno"
+
+    def __init__(self, config: RetenoConfig) -> None:
+        self.config = config
+        self.endpoints: Mapping[str, Endpoint] = {e.name: e for e in (DEVICES, CONTACTS, EVENTS)}
+        self.base_urls: Mapping[str, str] = {"default": config.base_url, "mobile": config.mobile_base_url}
+
+    def map_event(self, event: SegmentEvent) -> list[Item]:
+        kind = event.get("type")
+        if kind == "identify":
+            return self._identify_items(event)
+        if kind in ("track", "page", "screen"):
+            return [self._event_item(event)]
+        raise Skip(f"reteno has no equivalent of a {kind} call")
+
+    def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
+        if len(items) != 1:
+            raise ValueError(f"reteno {endpoint.name} takes one item per request, got {len(items)}")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.config.access_key is not None:
+            headers[ACCESS_KEY_HEADER] = self.config.access_key.get_secret_value()
+        return Request(endpoint.method, endpoint.base, endpoint.path, headers, orjson.dumps(items[0].payload))
+
+    def classify(
+        self, endpoint: Endpoint, items: Sequence[Item], status: int, body: bytes, headers: Mapping[str, str]
+    ) -> Outcome:
+        result = classify_status(status, body, headers)
+        if status == 400 and endpoint.name == EVENTS.name:
+            result = _classify_event_400(body, result)
+        elif status == 401:
+            result = ItemResult(Verdict.PERMANENT, f"{result.reason} (check RETENO_ACCESS_KEY)")
+        return Outcome(status, result)
+
+    # -- identify ---------------------------------------------------------------------------------
+
+    def _identify_items(self, event: SegmentEvent) -> list[Item]:
+        items = [self._item(DEVICES, device_payload(event, self.config.category), event)]
+        contact = contact_payload(event, self.config.contact_fields, self.config.app_id)
+        if contact is not None:
+            items.append(self._item(CONTACTS, contact, event))
+        return items
+
+    # -- track / page / screen --------------------------------------------------------------------
+
+    def _event_item(self, event: SegmentEvent) -> Item:
+        return self._item(EVENTS, event_payload(event), event)
+
+    @staticmethod
+    def _item(endpoint: Endpoint, payload: dict[str, Any], event: SegmentEvent) -> Item:
+        user = event.get("userId") or event.get("anonymousId") or ""
+        return Item(endpoint.name, payload, event.get("messageId", ""), user)
+
+
+def device_payload(event: SegmentEvent, category: str) -> dict[str, Any]:
+    """The device an identify carries (seed 002, "anonymous users" destination)."""
+    context = event.get("context") or {}
+    device = _dict(context.get("device"))
+    os_info = _dict(context.get("os"))
+    app = _dict(context.get("app"))
+    device_id = device.get("id") or event.get("anonymousId")
+    if not device_id:
+        raise InvalidEvent("identify has neither context.device.id nor anonymousId")
+    payload: dict[str, Any] = {"deviceId": str(device_id), "category": category}
+    optional = {
+        "externalUserId": event.get("userId"),
+        "osType": os_type(os_info.get("name")),
+        "appVersion": app.get("version"),
+        "osVersion": os_info.get("version"),
+        "deviceModel": device.get("model"),
+    }
+    payload.update({key: str(value) for key, value in optional.items() if value not in (None, "")})
+    return payload
+
+
+def os_type(os_name: Any) -> str | None:
+    """Seed 002 upper-cases the OS name; the API's enum (SDK `DeviceOsRemote`) is IOS | ANDROID only,
+    so other systems (Windows, Mac OS X ...) are left out rather than refused with a 400."""
+    if not isinstance(os_name, str):
+        return None
+    upper = os_name.upper()
+    upper = "IOS" if upper in ("IPADOS", "IPHONE OS") else upper
+    return upper if upper in OS_TYPES else None
+
+
+def contact_payload(
+    event: SegmentEvent, contact_fields: Mapping[str, int], app_id: str | None
+) -> dict[str, Any] | None:
+    """The contact an identify describes, or None when it has no channel to create one with."""
+    traits = event.get("traits") or {}
+    channel: dict[str, Any] = {"type": "email", "value": traits.get("email")}
+    if not isinstance(channel["value"], str) or not channel["value"]:
+        # The API requires `channels`; without an email there is nothing to create the contact
+        # with. The device registration still links the user to the device.
+        return None
+    if app_id:
+        channel = {"device": {"appId": app_id}, **channel}
+    payload: dict[str, Any] = {"channels": [channel]}
+    fields = []
+    for source, field_id in contact_fields.items():
+        value = _lookup(event, source)
+        if value is not None and value != "":
+            fields.append({"id": field_id, "value": as_text(value)})
+    if fields:
+        payload["fields"] = fields
+    if event.get("userId"):
+        payload["externalCustomerId"] = event["userId"]
+    return payload
+
+
+def event_payload(event: SegmentEvent) -> dict[str, Any]:
+    """A track/page/screen as a Reteno v2 event; messageId becomes keyValue (the dedupe key)."""
+    params = [{"name": "externalCustomerId", "value": event["userId"]}] if event.get("userId") else []
+    if not params:
+        email = _dict(_dict(event.get("context")).get("traits")).get("email")
+        if not email:
+            # Reteno's events API identifies the contact by externalCustomerId, email, phone or
+            # push token only; an anonymous device id is not one of them.
+            raise Skip("reteno events need a userId or an email to find the contact")
+        params.append({"name": "email", "value": str(email)})
+    for name, value in (event.get("properties") or {}).items():
+        if value is not None and name not in ("externalCustomerId", "email"):
+            params.append({"name": str(name), "value": as_text(value)})
+    return {"eventTypeKey": event_type_key(event), "keyValue": key_value(event), "params": params}
+
+
+def event_type_key(event: SegmentEvent) -> str:
+    """Track: the event name. Page/screen: Segment's "Viewed <name> Page|Screen" naming."""
+    kind = event.get("type")
+    if kind == "track":
+        raw = event.get("event") or ""
+    else:
+        noun = "Page" if kind == "page" else "Screen"
+        name = event.get("name")
+        raw = f"Viewed {name} {noun}" if name else f"Loaded a {noun}"
+    key = " ".join(_FORBIDDEN_KEY_CHARS.sub(" ", raw).split())[:EVENT_TYPE_KEY_MAX]
+    if not key:
+        raise InvalidEvent(f"event name {raw[:64]!r} leaves no valid Reteno eventTypeKey")
+    return key
+
+
+def key_value(event: SegmentEvent) -> str:
+    """The event's keyValue: its messageId, or a digest of it when the API would refuse it as is."""
+    message_id = event.get("messageId") or ""
+    if not message_id:
+        raise InvalidEvent("event has no messageId to use as Reteno keyValue")
+    if len(message_id) <= KEY_VALUE_MAX and not _FORBIDDEN_KEY_CHARS.search(message_id):
+        return message_id
+    return "mid-" + hashlib.sha256(message_id.encode()).hexdigest()
+
+
+def as_text(value: Any) -> str:
+    """Reteno param and field values are strings (the seed renders every value as "${...}")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, float) else str(value)
+    return orjson.dumps(value).decode()
+
+
+def _classify_event_400(body: bytes, default: ItemResult) -> ItemResult:
+    text = body.decode("utf-8", "replace")
+    if text.lstrip().startswith(_REQUIRED_PARAMS_PREFIX):
+        names = re.findall(r'"name"\s*:\s*"([^"]*)"\s*,\s*"required"\s*:\s*true', text)
+        return ItemResult(Verdict.PERMANENT, f"HTTP 400: event type requires params {names}")
+    return default
+
+
+def _lookup(event: SegmentEvent, source: str) -> Any:
+    if source in ("userId", "anonymousId", "messageId"):
+        return event.get(source)
+    if "." not in source:
+        return (event.get("traits") or {}).get(source)
+    node: Any = event
+    for part in source.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def make(config: RetenoConfig | None = None) -> Reteno:
+    return Reteno(config or RetenoConfig())

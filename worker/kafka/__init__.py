@@ -1,0 +1,1 @@
+"""The Kafka layer: consumer loop, producer, admin and the embedded broker. Knows nothing about Segment."""

@@ -1,0 +1,276 @@
+"""The one consumer loop every role runs.
+
+It owns the Kafka side of at-least-once: consume in batches, hand each message to a `Strategy`
+(the role's processing), store a message's offset only when the strategy says all its outputs are
+acknowledged, commit on revoke and on shutdown, and pause partitions while the strategy refuses
+work (backpressure). The strategy owns what "processing" and "acknowledged" mean.
+
+Commits: librdkafka auto-commits *stored* offsets every `auto.commit.interval.ms`
+(`enable.auto.offset.store=false`, so nothing is stored before it is done); revoke and shutdown
+commit synchronously so a new owner starts exactly where we stopped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from worker import logs, metrics
+from worker.health import HEALTH
+from worker.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
+
+log = logs.get(__name__)
+
+CONSUMER_DEFAULTS = {
+    "enable.auto.commit": "true",
+    "enable.auto.offset.store": "false",
+    "auto.commit.interval.ms": "1000",
+    "auto.offset.reset": "earliest",
+    # Rebalances stall the whole group; keep the bound on one loop turn generous but finite.
+    "max.poll.interval.ms": "300000",
+}
+
+# Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
+_PRODUCER_ONLY = ("acks", "linger.ms", "compression.", "enable.idempotence", "batch.", "queue.buffering",
+                  "message.timeout.ms", "retries", "transactional.id")
+
+
+def consumer_config(properties: dict[str, str], group_id: str, overrides: dict[str, str] | None = None
+                    ) -> dict[str, str]:
+    base = {k: v for k, v in properties.items() if not k.startswith(_PRODUCER_ONLY)}
+    return {**CONSUMER_DEFAULTS, **base, "group.id": group_id, **(overrides or {})}
+
+
+class Backpressure(Exception):
+    """Raised by `Strategy.submit`: cannot take this message now; the loop pauses and offers it again."""
+
+
+class Strategy(Protocol):
+    def submit(self, message: Message, ticket: Ticket) -> None:
+        """Take one message; call `ticket.done()` (on the loop's thread) once all its outputs are acknowledged."""
+        ...
+
+    def poll(self) -> None:
+        """Make progress without blocking: serve delivery callbacks, send due batches, report completions."""
+        ...
+
+    def drain(self, timeout: float) -> None:
+        """Finish in-flight work, waiting at most `timeout` seconds."""
+        ...
+
+    def revoke(self, partitions: list[TopicPartitionKey]) -> None:
+        """Drop unfinished work for partitions this process no longer owns (their new owner redoes it)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _keys(partitions: list[TopicPartition]) -> list[TopicPartitionKey]:
+    return [(p.topic, p.partition) for p in partitions]
+
+
+class ConsumerLoop:
+    def __init__(
+        self,
+        properties: dict[str, str],
+        group_id: str,
+        topics: list[str],
+        strategy: Strategy,
+        *,
+        batch_size: int = 1000,
+        poll_timeout: float = 0.5,
+        drain_timeout: float = 20.0,
+        overrides: dict[str, str] | None = None,
+    ) -> None:
+        self.config = consumer_config(properties, group_id, overrides)
+        self.topics = topics
+        self.strategy = strategy
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.drain_timeout = drain_timeout
+        self.tracker = OffsetTracker()
+        self.assignment: set[TopicPartitionKey] = set()
+        self._carry: deque[tuple[Message, Ticket]] = deque()  # refused by the strategy; offered again
+        self._paused = False
+        self._stopping = False
+        self._consumer: Consumer | None = None
+
+    def stop(self) -> None:
+        """Ask the loop to finish; safe from a signal handler."""
+        self._stopping = True
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        consumer = self._consumer = Consumer(self.config)
+        consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_lost)
+        log.info("consumer started", group=self.config["group.id"], topics=self.topics)
+        try:
+            while not self._stopping and not (until and until()):
+                HEALTH.beat()
+                self.strategy.poll()
+                self._store_done()
+                if self._carry and not self._offer_carry():
+                    # Still refused: keep serving the group protocol, take nothing new.
+                    self._take(consumer.consume(self.batch_size, 0.05))
+                    continue
+                self._take(consumer.consume(self.batch_size, self.poll_timeout))
+        finally:
+            self._shutdown(consumer)
+
+    def _take(self, messages: list[Message]) -> None:
+        if not messages:
+            return
+        metrics.BATCH_SIZE.observe(len(messages))
+        per_topic: Counter[str] = Counter()
+        for index, message in enumerate(messages):
+            error = message.error()
+            if error is not None:
+                self._on_error(error)
+                continue
+            per_topic[message.topic()] += 1
+            ticket = self.tracker.track(message.topic(), message.partition(), message.offset())
+            if self._carry:  # keep order: nothing overtakes a refused message
+                self._carry.append((message, ticket))
+                continue
+            try:
+                self.strategy.submit(message, ticket)
+            except Backpressure:
+                self._carry.append((message, ticket))
+                self._carry.extend(
+                    (m, self.tracker.track(m.topic(), m.partition(), m.offset()))
+                    for m in messages[index + 1 :]
+                    if m.error() is None
+                )
+                for m in messages[index + 1 :]:
+                    if m.error() is None:
+                        per_topic[m.topic()] += 1
+                self._pause()
+                break
+        for topic, count in per_topic.items():
+            metrics.CONSUMED.labels(topic).inc(count)
+
+    def _offer_carry(self) -> bool:
+        """Offer refused messages again, oldest first; True when all were taken."""
+        while self._carry:
+            message, ticket = self._carry[0]
+            try:
+                self.strategy.submit(message, ticket)
+            except Backpressure:
+                return False
+            self._carry.popleft()
+        self._resume()
+        return True
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer error", error=str(error))
+
+    # -- offsets ----------------------------------------------------------------------------------
+
+    def _store_done(self) -> None:
+        ready = self.tracker.committable()
+        if not ready or self._consumer is None:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in ready.items() if (t, p) in self.assignment]
+        if not offsets:
+            return
+        try:
+            self._consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:  # e.g. a partition revoked between two calls: its new owner redoes it
+            log.warning("could not store offsets", error=str(exc))
+
+    def _commit(self, consumer: Consumer, reason: str) -> None:
+        try:
+            consumer.commit(asynchronous=False)
+            metrics.COMMITS.labels(reason).inc()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit failed", reason=reason, error=str(exc))
+
+    # -- backpressure -----------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        if self._paused or self._consumer is None:
+            return
+        self._paused = True
+        self._consumer.pause([TopicPartition(t, p) for t, p in self.assignment])
+        metrics.PAUSED_PARTITIONS.set(len(self.assignment))
+
+    def _resume(self) -> None:
+        if not self._paused or self._consumer is None:
+            return
+        self._paused = False
+        self._consumer.resume([TopicPartition(t, p) for t, p in self.assignment])
+        metrics.PAUSED_PARTITIONS.set(0)
+
+    # -- rebalance --------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        metrics.REBALANCES.labels("assign").inc()
+        self.assignment.update(_keys(partitions))
+        if self._paused:
+            consumer.pause(partitions)
+        self._update_readiness()
+        log.info("partitions assigned", partitions=[f"{t}[{p}]" for t, p in _keys(partitions)])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish what we can, store and commit it, then let the partitions go."""
+        metrics.REBALANCES.labels("revoke").inc()
+        self._drain()
+        self._store_done()
+        self._commit(consumer, "revoke")
+        self._release(_keys(partitions))
+        log.info("partitions revoked", partitions=[f"{t}[{p}]" for t, p in _keys(partitions)])
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Lost (session expired): someone else may own them already, so commit nothing."""
+        metrics.REBALANCES.labels("lost").inc()
+        self._release(_keys(partitions))
+        log.warning("partitions lost", partitions=[f"{t}[{p}]" for t, p in _keys(partitions)])
+
+    def _release(self, keys: list[TopicPartitionKey]) -> None:
+        gone = set(keys)
+        self.strategy.revoke(keys)
+        self.tracker.forget(keys)
+        self._carry = deque(item for item in self._carry
+                            if (item[0].topic(), item[0].partition()) not in gone)
+        self.assignment -= gone
+        if not self._carry:
+            self._paused = False
+            metrics.PAUSED_PARTITIONS.set(0)
+        self._update_readiness()
+
+    def _update_readiness(self) -> None:
+        metrics.ASSIGNED_PARTITIONS.set(len(self.assignment))
+        HEALTH.set_ready(bool(self.assignment), f"{len(self.assignment)} partitions assigned")
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def _shutdown(self, consumer: Consumer) -> None:
+        """Finish or hand back in-flight work, commit what is done, leave the group."""
+        try:
+            self._drain()
+            self._store_done()
+            self._commit(consumer, "shutdown")
+        finally:
+            # close() leaves the group now (the others rebalance without waiting for a session
+            # timeout); it runs _on_revoke once more, which finds nothing left to do.
+            consumer.close()
+            self.strategy.close()
+            HEALTH.set_ready(False, "stopped")
+            log.info("consumer stopped", group=self.config["group.id"], unfinished=self.tracker.pending())
+
+    def _drain(self) -> None:
+        """Drain the strategy; a failed output only means its message stays uncommitted."""
+        try:
+            self.strategy.drain(self.drain_timeout)
+        except Exception as exc:
+            log.error("drain failed; unfinished messages stay uncommitted", error=str(exc))

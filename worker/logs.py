@@ -1,0 +1,41 @@
+"""structlog JSON logs on stderr. Secrets are never passed to a logger: settings hold them as SecretStr,
+and `redact` masks any value under a key that looks like a credential, as a second line of defence."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_WORDS = ("key", "secret", "password", "token", "authorization", "sasl")
+
+
+def redact(_logger: object, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name in list(event_dict):
+        if name != "event" and any(word in name.lower() for word in _SECRET_WORDS):
+            event_dict[name] = "***"
+    return event_dict
+
+
+def configure(level: str = "INFO") -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get(name: str) -> Any:
+    return structlog.get_logger(name)

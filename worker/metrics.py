@@ -1,0 +1,19 @@
+"""Prometheus metrics every role shares. Names are part of the contract with deploy/ dashboards and alerts."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONSUMED = Counter("segment_worker_consumed_total", "Messages consumed", ["topic"])
+PRODUCED = Counter("segment_worker_produced_total", "Messages produced and acknowledged", ["topic"])
+DEAD_LETTERED = Counter(
+    "segment_worker_dead_lettered_total", "Messages dead-lettered", ["destination", "kind"]
+)
+FILTERED = Counter("segment_worker_filtered_total", "Events deliberately not forwarded", ["reason"])
+ASSIGNED_PARTITIONS = Gauge("segment_worker_assigned_partitions", "Partitions assigned to this process")
+PAUSED_PARTITIONS = Gauge("segment_worker_paused_partitions", "Partitions paused for backpressure")
+REBALANCES = Counter("segment_worker_rebalances_total", "Rebalance callbacks", ["kind"])
+COMMITS = Counter("segment_worker_commits_total", "Synchronous commits (revoke, shutdown)", ["reason"])
+BATCH_SIZE = Histogram(
+    "segment_worker_consume_batch_size", "Messages per consume() batch", buckets=(1, 10, 50, 100, 250, 500, 1000)
+)

@@ -1,0 +1,135 @@
+"""The identity map: anonymousId -> userId, learnt from identify and alias calls.
+
+It lives in the compacted topic `segment.identities` (key anonymousId, value userId). Every
+normaliser instance reads the whole topic into a bounded in-memory LRU, because an anonymous event
+and the identify that names its user are keyed differently (anonymousId vs userId) and so land on
+different partitions, possibly in different processes. Updates are eventually consistent: an
+anonymous event processed before the identify reached this instance stays anonymous.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from worker import logs
+
+log = logs.get(__name__)
+
+
+class IdentityMap:
+    """A thread-safe LRU: the reader thread puts, the processing thread gets."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, anonymous_id: str) -> str | None:
+        with self._lock:
+            user_id = self._entries.get(anonymous_id)
+            if user_id is not None:
+                self._entries.move_to_end(anonymous_id)
+            return user_id
+
+    def put(self, anonymous_id: str, user_id: str) -> bool:
+        """Record a link; True when it is new or changed (so it is worth publishing)."""
+        with self._lock:
+            if self._entries.get(anonymous_id) == user_id:
+                self._entries.move_to_end(anonymous_id)
+                return False
+            self._entries[anonymous_id] = user_id
+            self._entries.move_to_end(anonymous_id)
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            return True
+
+    def forget(self, anonymous_id: str) -> None:
+        with self._lock:
+            self._entries.pop(anonymous_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class IdentityTopicReader:
+    """Reads every partition of the identities topic from the beginning, then follows it.
+
+    It uses `assign`, not a consumer group: every instance needs every partition, and commits
+    nothing (the topic is re-read in full at start-up; compaction keeps that cheap).
+    """
+
+    def __init__(self, properties: dict[str, str], topic: str, identities: IdentityMap) -> None:
+        self.topic = topic
+        self.identities = identities
+        self._consumer = Consumer({
+            **properties,
+            "group.id": f"segment-identities-reader-{id(self)}",
+            "enable.auto.commit": "false",
+            "enable.auto.offset.store": "false",
+        })
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _apply(self, messages: list) -> int:
+        applied = 0
+        for message in messages:
+            if message.error() is not None:
+                continue
+            key = message.key()
+            if not key:
+                continue
+            value = message.value()
+            if value is None:  # a tombstone: the link was deleted
+                self.identities.forget(key.decode())
+            else:
+                self.identities.put(key.decode(), value.decode())
+            applied += 1
+        return applied
+
+    def start(self, catch_up_timeout: float = 30.0, idle: float = 0.5) -> int:
+        """Load the topic up to its current end, then follow it in a thread; returns links loaded."""
+        metadata = self._consumer.list_topics(self.topic, timeout=10)
+        partitions = metadata.topics[self.topic].partitions if self.topic in metadata.topics else {}
+        if not partitions or metadata.topics[self.topic].error is not None:
+            raise KafkaException(f"topic {self.topic} does not exist; run `segment-worker topics create`")
+        self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
+        high = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                for p in partitions}
+        loaded, deadline, last_seen = 0, time.monotonic() + catch_up_timeout, time.monotonic()
+        # Read to the high watermarks, then until the topic has been quiet for `idle` seconds: the
+        # embedded broker can under-report a watermark, and a quiet topic is caught up either way.
+        while time.monotonic() < deadline:
+            messages = self._consumer.consume(1000, 0.1)
+            if messages:
+                loaded += self._apply(messages)
+                last_seen = time.monotonic()
+                continue
+            positions = {tp.partition: tp.offset for tp in self._consumer.position(
+                [TopicPartition(self.topic, p) for p in partitions])}
+            at_end = all(positions.get(p, -1) >= h or h == 0 for p, h in high.items())
+            if at_end and time.monotonic() - last_seen >= idle:
+                break
+        else:
+            log.warning("identity map not fully loaded before the deadline", loaded=loaded)
+        log.info("identity map loaded", links=loaded, entries=len(self.identities))
+        self._thread = threading.Thread(target=self._follow, name="identities-reader", daemon=True)
+        self._thread.start()
+        return loaded
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._apply(self._consumer.consume(1000, 0.2))
+            except Exception as exc:  # keep following; a missed link only leaves events anonymous
+                log.warning("identity reader error", error=str(exc))
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._consumer.close()

@@ -1,0 +1,125 @@
+"""One raw payload in, what should be written out: the normaliser's logic, with no Kafka in it.
+
+Per event: validate and canonicalise; fix timestamps against receivedAt; fill messageId; link and
+fill identities; run the enrichers; route. The Kafka side (worker.normalize.app) writes the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from worker.avro_codec import EventCodec
+from worker.normalize.identities import IdentityMap
+from worker.normalize.routing import destinations_for
+from worker.segment import envelope
+from worker.segment.event import SegmentEvent, partition_key
+from worker.segment.ids import anonymous_id_for_user, deterministic_message_id
+from worker.segment.timestamps import InvalidTimestamp, correct_skew, format_iso, from_millis, parse_iso
+from worker.segment.validate import InvalidEvent, canonical
+
+Enricher = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RoutedEvent:
+    key: str
+    value: bytes  # Avro single-object encoded SegmentEvent
+    destinations: list[str]
+    event: SegmentEvent
+
+
+@dataclass
+class Rejected:
+    value: bytes  # what a replay should send back to segment.raw
+    reason: str
+    batch_index: int | None = None
+
+
+@dataclass
+class Result:
+    routed: list[RoutedEvent] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    links: list[tuple[str, str]] = field(default_factory=list)  # new anonymousId -> userId links
+    filtered: list[str] = field(default_factory=list)  # reasons, one per event deliberately dropped
+
+
+class Normaliser:
+    def __init__(
+        self,
+        destinations: list[str],
+        identities: IdentityMap,
+        enrichers: list[Enricher],
+        codec: EventCodec | None = None,
+    ) -> None:
+        self.destinations = destinations
+        self.identities = identities
+        self.enrichers = enrichers
+        self.codec = codec or EventCodec()
+
+    def process(self, value: bytes | None, kafka_timestamp_ms: int) -> Result:
+        result = Result()
+        try:
+            parsed = envelope.parse(value)
+        except envelope.InvalidPayload as exc:
+            result.rejected.append(Rejected(value or b"", str(exc)))
+            return result
+        for item in parsed.rejected:
+            result.rejected.append(Rejected(item.value, item.reason, item.index))
+        received_default = from_millis(kafka_timestamp_ms)
+        for raw, index in zip(parsed.events, parsed.indexes, strict=True):
+            try:
+                self._one(raw, received_default, result)
+            except (InvalidEvent, InvalidTimestamp) as exc:
+                rejected_value = orjson.dumps(raw) if parsed.is_batch else (value or b"")
+                result.rejected.append(Rejected(rejected_value, str(exc), index if parsed.is_batch else None))
+        return result
+
+    def _one(self, raw: dict[str, Any], received_default: datetime, result: Result) -> None:
+        event, extra = canonical(raw)
+        self._fix_timestamps(event, received_default)
+        if "messageId" not in event:
+            event["messageId"] = deterministic_message_id(raw)
+        self._fill_identity(event, result)
+        for enrich in self.enrichers:
+            enrich(event)  # type: ignore[arg-type]
+        chosen = destinations_for(event["integrations"], self.destinations)
+        if not chosen:
+            result.filtered.append("no destination enabled by integrations")
+            return
+        result.routed.append(RoutedEvent(partition_key(event), self.codec.encode(event, extra), chosen, event))
+
+    @staticmethod
+    def _fix_timestamps(event: SegmentEvent, received_default: datetime) -> None:
+        received = parse_iso(event["receivedAt"]) if "receivedAt" in event else received_default
+        sent = parse_iso(event["sentAt"]) if "sentAt" in event else None
+        given = event.get("originalTimestamp") or event.get("timestamp")
+        original = parse_iso(given) if given is not None else received
+        event["receivedAt"] = format_iso(received)
+        event["originalTimestamp"] = format_iso(original)
+        event["timestamp"] = format_iso(correct_skew(original, sent, received) if given is not None else received)
+        if sent is not None:
+            event["sentAt"] = format_iso(sent)
+
+    def _fill_identity(self, event: SegmentEvent, result: Result) -> None:
+        user_id = event.get("userId")
+        anonymous_id = event.get("anonymousId")
+        if event["type"] == "alias":
+            # alias ties previousId (an anonymousId or an old userId) to userId.
+            if self.identities.put(event["previousId"], event["userId"]):
+                result.links.append((event["previousId"], event["userId"]))
+        elif user_id and anonymous_id:
+            if self.identities.put(anonymous_id, user_id):
+                result.links.append((anonymous_id, user_id))
+        elif anonymous_id and not user_id:
+            known = self.identities.get(anonymous_id)
+            if known is not None:
+                event["userId"] = known
+        if not event.get("anonymousId"):
+            device_id = event["context"].get("device", {}).get("id") if isinstance(
+                event["context"].get("device"), dict) else None
+            event["anonymousId"] = str(device_id) if device_id else anonymous_id_for_user(event["userId"])

@@ -1,0 +1,47 @@
+"""Child processes of `demo` and the tests: each role as its own `python -m worker ...` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+# The embedded broker rebalances in about half the session timeout; these keep a group join ~1 s.
+FAST_GROUP_ENV = {"KAFKA_SESSION_TIMEOUT_MS": "2000", "KAFKA_HEARTBEAT_INTERVAL_MS": "200"}
+
+
+class Role:
+    """A running `segment-worker` command, stopped by its PID."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """kill -9: no chance to commit or flush."""
+        if self.alive():
+            self.process.kill()
+        self.process.wait()

@@ -1,0 +1,103 @@
+"""Raw producer payloads: a single event or a `{"batch": [...]}` envelope, exactly as written to `segment.raw`.
+
+Limits are Segment's (HTTP Tracking API): 32 KB an event, 500 KB a batch request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+
+# Envelope fields that apply to every event of a batch unless the event has its own.
+_BATCH_DEFAULTS = ("sentAt", "integrations", "receivedAt", "channel")
+
+
+class InvalidPayload(ValueError):
+    """The whole payload is unusable; it is dead-lettered as it came, with this reason."""
+
+
+@dataclass
+class RejectedEvent:
+    index: int  # position in the batch
+    value: bytes  # the event as JSON (with batch context merged), what a replay sends back
+    reason: str
+
+
+@dataclass
+class Envelope:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)  # batch position of each event
+    rejected: list[RejectedEvent] = field(default_factory=list)
+    is_batch: bool = False
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` wins; nested dicts are merged, so an event's `context.app` keeps the batch's `context.device`."""
+    merged = dict(base)
+    for key, value in override.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            merged[key] = deep_merge(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse(value: bytes | None) -> Envelope:
+    """Decode and split a raw payload. Raises InvalidPayload; per-event problems land in `rejected`."""
+    if value is None or not value.strip():
+        raise InvalidPayload("empty message")
+    if len(value) > MAX_BATCH_BYTES:
+        raise InvalidPayload(f"payload is {len(value)} bytes; the limit is {MAX_BATCH_BYTES} bytes a batch")
+    try:
+        document = orjson.loads(value)  # rejects invalid UTF-8 and nesting deeper than 1024
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload(f"malformed JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidPayload(f"payload must be a JSON object, got {_json_type(document)}")
+    if "batch" not in document:
+        if len(value) > MAX_EVENT_BYTES:
+            raise InvalidPayload(f"event is {len(value)} bytes; the limit is {MAX_EVENT_BYTES} bytes an event")
+        return Envelope(events=[document], indexes=[0])
+    return _split_batch(document)
+
+
+def _split_batch(document: dict[str, Any]) -> Envelope:
+    batch = document["batch"]
+    if not isinstance(batch, list):
+        raise InvalidPayload(f"`batch` must be an array, got {_json_type(batch)}")
+    shared_context = document.get("context")
+    if shared_context is not None and not isinstance(shared_context, dict):
+        raise InvalidPayload(f"batch `context` must be an object, got {_json_type(shared_context)}")
+    defaults = {k: document[k] for k in _BATCH_DEFAULTS if k in document}
+    envelope = Envelope(is_batch=True)
+    for index, item in enumerate(batch):
+        if not isinstance(item, dict):
+            envelope.rejected.append(
+                RejectedEvent(index, orjson.dumps(item), f"batch item must be an object, got {_json_type(item)}")
+            )
+            continue
+        event = {**defaults, **item}
+        if shared_context:
+            own = item.get("context")
+            event["context"] = deep_merge(shared_context, own) if isinstance(own, dict) else (
+                shared_context if own is None else own  # a non-object context is rejected by validation
+            )
+        encoded = orjson.dumps(event)
+        if len(encoded) > MAX_EVENT_BYTES:
+            envelope.rejected.append(RejectedEvent(
+                index, encoded, f"event is {len(encoded)} bytes; the limit is {MAX_EVENT_BYTES} bytes an event"))
+            continue
+        envelope.events.append(event)
+        envelope.indexes.append(index)
+    return envelope
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
