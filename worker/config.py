@@ -30,6 +30,8 @@ class Settings(BaseSettings):
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = "segment."
+    # Consumer groups are "<prefix>normalize" and "<prefix>sink-<destination>".
+    consumer_group_prefix: str = "segment-"
     destinations: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(ALL_DESTINATIONS))
     topic_partitions: int = 6
     topic_replication_factor: int = 1
@@ -62,6 +64,9 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_write_keys(cls, value: object) -> object:
         return _split_csv(value)
+
+    def group(self, role: str) -> str:
+        return f"{self.consumer_group_prefix}{role}"
 
     def topic(self, name: str) -> str:
         """Full topic name: `raw`, `identities`, `dest.amplitude`, `dlq.raw` ... with the prefix."""

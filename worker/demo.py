@@ -40,8 +40,7 @@ def produce_all(properties: dict[str, str], topic: str, payloads: list[tuple[str
         raise RuntimeError(f"could not write sample traffic: {failures[:3]}")
 
 
-def collect(properties: dict[str, str], topics: list[str], expected: dict[str, int], timeout: float
-            ) -> dict[str, list]:
+def collect(properties: dict[str, str], topics: list[str], expected: dict[str, int], timeout: float) -> dict[str, list]:
     """Read `topics` from the beginning until each has its expected count (or the timeout)."""
     consumer = Consumer({**properties, "group.id": "segment-demo-reader", "enable.auto.commit": "false"})
     partitions = []
@@ -77,7 +76,10 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         _say("[3/5] starting the normaliser (consumer group segment-normalize)")
         roles.append(Role(["normalize"], env, workdir / "normalize.log"))
         payloads, good, poison = sample_payloads()
-        _say(f"[4/5] writing {len(payloads)} raw messages ({good} events, {len(poison)} poison) to {settings.topic('raw')}")
+        _say(
+            f"[4/5] writing {len(payloads)} raw messages ({good} events, {len(poison)} poison) "
+            f"to {settings.topic('raw')}"
+        )
         produce_all(props, settings.topic("raw"), payloads)
         dest_topics = [settings.topic(f"dest.{d}") for d in settings.destinations]
         dlq = settings.topic("dlq.raw")
@@ -86,9 +88,11 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         seen = collect(props, [*dest_topics, dlq], expected, timeout=60)
         ok = _report(seen, expected, dest_topics, dlq)
         if keep_running:
-            _say(f"\nstack is up: KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} segment-worker tail dest.amplitude "
-                 f"--from-beginning\nwrite more with kcat -b {broker.bootstrap_servers} -t {settings.topic('raw')} -P; "
-                 "Ctrl-C to stop")
+            _say(
+                f"\nstack is up: KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} segment-worker tail dest.amplitude "
+                f"--from-beginning\nwrite more with kcat -b {broker.bootstrap_servers} -t {settings.topic('raw')} -P; "
+                "Ctrl-C to stop"
+            )
             try:
                 while all(r.alive() for r in roles):
                     time.sleep(1)
@@ -111,8 +115,10 @@ def _report(seen: dict[str, list], expected: dict[str, int], dest_topics: list[s
         ok &= status == "ok"
         _say(f"{topic}: {len(messages)}/{expected[topic]} {status}  by type {dict(sorted(types.items()))}")
     if dest_topics and seen[dest_topics[0]]:
-        sample = next((m for m in seen[dest_topics[0]] if decode_value(m.value(), codec)["type"] == "track"),
-                      seen[dest_topics[0]][0])
+        sample = next(
+            (m for m in seen[dest_topics[0]] if decode_value(m.value(), codec)["type"] == "track"),
+            seen[dest_topics[0]][0],
+        )
         _say(f"\nsample from {dest_topics[0]} (key {sample.key().decode()}):")
         _say(orjson.dumps(decode_value(sample.value(), codec), option=orjson.OPT_INDENT_2).decode())
     _say(f"\n{dlq}: {len(seen[dlq])}/{expected[dlq]} dead letters")

@@ -6,9 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMED = Counter("segment_worker_consumed_total", "Messages consumed", ["topic"])
 PRODUCED = Counter("segment_worker_produced_total", "Messages produced and acknowledged", ["topic"])
-DEAD_LETTERED = Counter(
-    "segment_worker_dead_lettered_total", "Messages dead-lettered", ["destination", "kind"]
-)
+DEAD_LETTERED = Counter("segment_worker_dead_lettered_total", "Messages dead-lettered", ["destination", "kind"])
 FILTERED = Counter("segment_worker_filtered_total", "Events deliberately not forwarded", ["reason"])
 ASSIGNED_PARTITIONS = Gauge("segment_worker_assigned_partitions", "Partitions assigned to this process")
 PAUSED_PARTITIONS = Gauge("segment_worker_paused_partitions", "Partitions paused for backpressure")

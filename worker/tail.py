@@ -45,12 +45,24 @@ def render(message: Message, codec: EventCodec) -> bytes:
     return orjson.dumps(record)
 
 
-def tail(properties: dict[str, str], topic: str, from_beginning: bool, limit: int | None,
-         idle_timeout: float | None, out: Any = None) -> int:
+def tail(
+    properties: dict[str, str],
+    topic: str,
+    from_beginning: bool,
+    limit: int | None,
+    idle_timeout: float | None,
+    out: Any = None,
+) -> int:
     """Print messages until `limit` are printed or nothing arrives for `idle_timeout` seconds."""
     out = out or sys.stdout.buffer
-    consumer = Consumer({**properties, "group.id": f"segment-tail-{uuid.uuid4()}", "enable.auto.commit": "false",
-                         "enable.partition.eof": "false"})
+    consumer = Consumer(
+        {
+            **properties,
+            "group.id": f"segment-tail-{uuid.uuid4()}",
+            "enable.auto.commit": "false",
+            "enable.partition.eof": "false",
+        }
+    )
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         if topic not in metadata.topics or metadata.topics[topic].error is not None:

@@ -5,12 +5,6 @@ from __future__ import annotations
 from worker.config import ALL_DESTINATIONS, Settings
 from worker.kafka.admin import TopicSpec, create_topics
 
-GROUP_NORMALIZE = "segment-normalize"
-
-
-def sink_group(destination: str) -> str:
-    return f"segment-sink-{destination}"
-
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     n = settings.topic_partitions

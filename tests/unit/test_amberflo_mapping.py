@@ -78,9 +78,7 @@ def test_page_matches_seed_example() -> None:
 def test_screen_matches_seed_example() -> None:
     # The seed's call has userId "some_user_id" but its payload says "segmentUserId"; we reproduce
     # the payload, so the input carries the payload's id.
-    event = segment(
-        type="screen", userId="segmentUserId", name="Home", properties={"title": "Welcome | Initech"}
-    )
+    event = segment(type="screen", userId="segmentUserId", name="Home", properties={"title": "Welcome | Initech"})
     seed_body = {
         "uniqueId": "messageId",
         "customerId": "segmentUserId",
@@ -253,3 +251,10 @@ def test_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AMBERFLO_BASE_URL", raising=False)
     assert AmberfloConfig().base_url == "https://app.amberflo.io"
+
+
+def test_event_without_message_id_is_invalid_rather_than_sent_without_a_dedupe_key() -> None:
+    event = segment(type="track", event="A")
+    del event["messageId"]
+    with pytest.raises(InvalidEvent, match="messageId"):
+        only_item(event)

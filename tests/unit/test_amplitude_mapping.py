@@ -29,8 +29,13 @@ IOS_CONTEXT: dict[str, Any] = {
     "os": {"name": "iPhone OS", "version": "8.1.3"},
     "network": {"carrier": "T-Mobile US"},
     "locale": "en-US",
-    "location": {"country": "United States", "region": "CA", "city": "San Francisco", "latitude": 40.2964197,
-                 "longitude": -76.9411617},
+    "location": {
+        "country": "United States",
+        "region": "CA",
+        "city": "San Francisco",
+        "latitude": 40.2964197,
+        "longitude": -76.9411617,
+    },
     "ip": "8.8.8.8",
     "app": {"version": "3.0.1"},
     "library": {"name": "analytics-ios", "version": "4.1.0"},
@@ -65,8 +70,14 @@ def test_track_golden_with_context_and_revenue() -> None:
         type="track",
         userId="user-2019",
         event="Order Completed",
-        properties={"revenue": 89.99, "price": 29.99, "quantity": 3, "productId": "SKU-001",
-                    "revenueType": "Purchase", "coupon": "SPRING"},
+        properties={
+            "revenue": 89.99,
+            "price": 29.99,
+            "quantity": 3,
+            "productId": "SKU-001",
+            "revenueType": "Purchase",
+            "coupon": "SPRING",
+        },
         context=IOS_CONTEXT,
     )
     assert mapped(event) == [
@@ -92,8 +103,14 @@ def test_track_golden_with_context_and_revenue() -> None:
             "ip": "8.8.8.8",
             "app_version": "3.0.1",
             "library": "analytics-ios/4.1.0",
-            "event_properties": {"revenue": 89.99, "price": 29.99, "quantity": 3, "productId": "SKU-001",
-                                 "revenueType": "Purchase", "coupon": "SPRING"},
+            "event_properties": {
+                "revenue": 89.99,
+                "price": 29.99,
+                "quantity": 3,
+                "productId": "SKU-001",
+                "revenueType": "Purchase",
+                "coupon": "SPRING",
+            },
             "revenue": 89.99,
             "price": 29.99,
             "quantity": 3,
@@ -118,8 +135,12 @@ def test_device_id_falls_back_to_anonymous_id_and_user_to_device() -> None:
 
 
 def test_revenue_from_snake_case_and_string_numbers_without_price_drops_product_fields() -> None:
-    event = segment(type="track", userId="user-1", event="Refund",
-                    properties={"revenue": "-1.99", "product_id": "p-9", "revenue_type": "Refund"})
+    event = segment(
+        type="track",
+        userId="user-1",
+        event="Refund",
+        properties={"revenue": "-1.99", "product_id": "p-9", "revenue_type": "Refund"},
+    )
     (payload,) = mapped(event)
     assert (payload["revenue"], payload["productId"], payload["revenueType"]) == (-1.99, "p-9", "Refund")
     (no_money,) = mapped(segment(type="track", userId="user-1", event="Viewed", properties={"productId": "p"}))
@@ -150,8 +171,12 @@ def test_page_category_becomes_a_property() -> None:
 
 
 def test_identify_sets_traits_with_dollar_set() -> None:
-    event = segment(type="identify", userId="user-2019", traits={"email": "a@b.co", "plan": "premium"},
-                    context={"traits": {"plan": "free", "company": "Initech"}})
+    event = segment(
+        type="identify",
+        userId="user-2019",
+        traits={"email": "a@b.co", "plan": "premium"},
+        context={"traits": {"plan": "free", "company": "Initech"}},
+    )
     (payload,) = mapped(event)
     assert payload["event_type"] == "$identify"
     assert payload["user_properties"] == {"$set": {"email": "a@b.co", "plan": "premium", "company": "Initech"}}
@@ -159,8 +184,12 @@ def test_identify_sets_traits_with_dollar_set() -> None:
 
 
 def test_group_joins_the_group_and_sets_group_properties() -> None:
-    event = segment(type="group", userId="user-2019", groupId="acme-inc",
-                    traits={"groupType": "company", "name": "Acme", "employees": 120})
+    event = segment(
+        type="group",
+        userId="user-2019",
+        groupId="acme-inc",
+        traits={"groupType": "company", "name": "Acme", "employees": 120},
+    )
     membership, group_identify = destination().map_event(event)
     assert membership.payload["event_type"] == "$identify"
     assert membership.payload["groups"] == {"company": "acme-inc"}
@@ -202,11 +231,18 @@ def test_short_ids_are_sent_as_they_are_for_the_api_to_judge() -> None:
 
 
 def test_event_and_property_mapping() -> None:
-    event = segment(type="track", userId="user-1", event="Purchase",
-                    properties={"plan_type": "premium", "amount": 3},
-                    context={"traits": {"first_name": "Ada"}})
-    (payload,) = mapped(event, event_mapping={"Purchase": "order_completed"},
-                        property_mapping={"plan_type": "PLAN", "first_name": "FIRSTNAME"})
+    event = segment(
+        type="track",
+        userId="user-1",
+        event="Purchase",
+        properties={"plan_type": "premium", "amount": 3},
+        context={"traits": {"first_name": "Ada"}},
+    )
+    (payload,) = mapped(
+        event,
+        event_mapping={"Purchase": "order_completed"},
+        property_mapping={"plan_type": "PLAN", "first_name": "FIRSTNAME"},
+    )
     assert payload["event_type"] == "order_completed"
     assert payload["event_properties"] == {"PLAN": "premium", "amount": 3}
     assert payload["user_properties"] == {"$set": {"FIRSTNAME": "Ada"}}
@@ -229,7 +265,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     config = AmplitudeConfig()
     assert (config.base_url, config.events_per_second, config.min_id_length) == (
-        "https://api2.amplitude.com", 1000, None)
+        "https://api2.amplitude.com",
+        1000,
+        None,
+    )
     endpoint = make(config).endpoints["events"]
     assert (endpoint.method, endpoint.path, endpoint.max_items) == ("POST", "/2/httpapi", 1000)
     assert endpoint.max_bytes < 1_000_000
@@ -330,7 +369,7 @@ def test_classify_429_throttles_only_the_named_users_and_devices() -> None:
         "eps_threshold": 30,
         "throttled_devices": {"device-2": 31},
         "throttled_users": {"user-aaaa": 40},
-        "throttled_events": [0, 2],
+        # no throttled_events: the users/devices alone must pick the items out
     }
     outcome = classify(429, body)
     assert verdicts(outcome) == [Verdict.THROTTLED, Verdict.RESEND, Verdict.THROTTLED, Verdict.RESEND]
@@ -364,3 +403,10 @@ def test_classify_plain_429_retries_the_request() -> None:
 @pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
 def test_classify_transient_statuses_retry(status: int) -> None:
     assert verdicts(classify(status, b"")) == [Verdict.RETRY] * 4
+
+
+def test_event_without_message_id_is_invalid_rather_than_sent_without_insert_id() -> None:
+    event = segment(type="track", userId="user-1", event="A")
+    del event["messageId"]
+    with pytest.raises(InvalidEvent, match="messageId"):
+        mapped(event)

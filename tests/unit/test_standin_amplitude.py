@@ -77,8 +77,9 @@ async def send(
     request = destination.encode(destination.endpoints["events"], batch)
     async with session.post(base + request.path, data=request.body, headers=dict(request.headers)) as response:
         body = await response.read()
-        outcome = destination.classify(destination.endpoints["events"], batch, response.status, body,
-                                       dict(response.headers))
+        outcome = destination.classify(
+            destination.endpoints["events"], batch, response.status, body, dict(response.headers)
+        )
         return response.status, orjson.loads(body), outcome
 
 
@@ -165,7 +166,11 @@ def test_poison_insert_ids_get_a_400_and_the_batch_mates_are_resent() -> None:
         assert status == 400
         assert body["events_with_invalid_fields"] == {"insert_id": [2]}
         assert [outcome.for_item(i).verdict for i in range(4)] == [
-            Verdict.RESEND, Verdict.RESEND, Verdict.PERMANENT, Verdict.RESEND]
+            Verdict.RESEND,
+            Verdict.RESEND,
+            Verdict.PERMANENT,
+            Verdict.RESEND,
+        ]
         resend = [item for i, item in enumerate(batch) if outcome.for_item(i).verdict is Verdict.RESEND]
         status, _, _ = await send(session, base, resend)
         assert status == 200
@@ -183,8 +188,7 @@ def test_throttled_users_get_429_naming_them_and_nothing_is_ingested() -> None:
         assert body["throttled_events"] == [1]
         assert body["error"] == "Too many requests for some devices and users"
         assert not state.received
-        assert [outcome.for_item(i).verdict for i in range(3)] == [
-            Verdict.RESEND, Verdict.THROTTLED, Verdict.RESEND]
+        assert [outcome.for_item(i).verdict for i in range(3)] == [Verdict.RESEND, Verdict.THROTTLED, Verdict.RESEND]
         assert outcome.for_item(1).retry_after == 0.5  # the stand-in's Retry-After
         status, _, _ = await send(session, base, [batch[0], batch[2]])
         assert status == 200

@@ -161,7 +161,7 @@ def _view_record(event: SegmentEvent, kind: str) -> dict[str, Any]:
 
 def _record(event: SegmentEvent, meter: str, value: float, dimensions: dict[str, str]) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "uniqueId": event.get("messageId"),
+        "uniqueId": _message_id(event),
         "customerId": _customer_id(event),
         "meterApiName": meter,
         "meterValue": value,
@@ -200,9 +200,17 @@ def _customer_item(event: SegmentEvent) -> Item:
     return Item(
         endpoint=CUSTOMERS_ENDPOINT,
         payload=payload,
-        dedupe_id=str(event.get("messageId")),
+        dedupe_id=_message_id(event),
         user=payload["customerId"],
     )
+
+
+def _message_id(event: SegmentEvent) -> str:
+    """The uniqueId Amberflo dedupes by; the normaliser always fills messageId, so absence is a bug."""
+    message_id = event.get("messageId")
+    if not message_id:
+        raise InvalidEvent("missing messageId (the uniqueId)")
+    return str(message_id)
 
 
 def _customer_id(event: SegmentEvent) -> str:

@@ -180,7 +180,7 @@ class AmplitudeDestination:
         payloads = [membership]
         if traits:
             group_identify = self._base(event, "$groupidentify")
-            group_identify["insert_id"] = f"{event.get('messageId', '')}:groupidentify"
+            group_identify["insert_id"] = f"{_message_id(event)}:groupidentify"
             group_identify["groups"] = groups
             group_identify["group_properties"] = {"$set": traits}
             payloads.append(group_identify)
@@ -200,7 +200,7 @@ class AmplitudeDestination:
             payload["device_id"] = str(device_id)
         payload["event_type"] = event_type
         payload["time"] = _event_time(event)
-        payload["insert_id"] = event.get("messageId")
+        payload["insert_id"] = _message_id(event)
         platform = _platform(context)
         if platform:
             payload["platform"] = platform
@@ -363,6 +363,14 @@ def _item(payload: dict[str, Any]) -> Item:
         dedupe_id=str(payload["insert_id"]),
         user=str(payload.get("user_id") or payload.get("device_id") or ""),
     )
+
+
+def _message_id(event: SegmentEvent) -> str:
+    """The insert_id Amplitude dedupes by; the normaliser always fills messageId, so absence is a bug."""
+    message_id = event.get("messageId")
+    if not message_id:
+        raise InvalidEvent("missing messageId (the insert_id)")
+    return str(message_id)
 
 
 def _event_time(event: SegmentEvent) -> int:

@@ -15,8 +15,9 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def create_topics(properties: dict[str, str], specs: list[TopicSpec], replication_factor: int = 1,
-                  timeout: float = 15.0) -> dict[str, str]:
+def create_topics(
+    properties: dict[str, str], specs: list[TopicSpec], replication_factor: int = 1, timeout: float = 15.0
+) -> dict[str, str]:
     """Create the topics that do not exist yet. Returns name -> "created" | "exists"; raises on other errors.
 
     Existing topics are left alone (their partition count is not changed: adding partitions would

@@ -34,12 +34,22 @@ CONSUMER_DEFAULTS = {
 }
 
 # Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
-_PRODUCER_ONLY = ("acks", "linger.ms", "compression.", "enable.idempotence", "batch.", "queue.buffering",
-                  "message.timeout.ms", "retries", "transactional.id")
+_PRODUCER_ONLY = (
+    "acks",
+    "linger.ms",
+    "compression.",
+    "enable.idempotence",
+    "batch.",
+    "queue.buffering",
+    "message.timeout.ms",
+    "retries",
+    "transactional.id",
+)
 
 
-def consumer_config(properties: dict[str, str], group_id: str, overrides: dict[str, str] | None = None
-                    ) -> dict[str, str]:
+def consumer_config(
+    properties: dict[str, str], group_id: str, overrides: dict[str, str] | None = None
+) -> dict[str, str]:
     base = {k: v for k, v in properties.items() if not k.startswith(_PRODUCER_ONLY)}
     return {**CONSUMER_DEFAULTS, **base, "group.id": group_id, **(overrides or {})}
 
@@ -106,8 +116,7 @@ class ConsumerLoop:
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         consumer = self._consumer = Consumer(self.config)
-        consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                           on_lost=self._on_lost)
+        consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("consumer started", group=self.config["group.id"], topics=self.topics)
         try:
             while not self._stopping and not (until and until()):
@@ -240,8 +249,7 @@ class ConsumerLoop:
         gone = set(keys)
         self.strategy.revoke(keys)
         self.tracker.forget(keys)
-        self._carry = deque(item for item in self._carry
-                            if (item[0].topic(), item[0].partition()) not in gone)
+        self._carry = deque(item for item in self._carry if (item[0].topic(), item[0].partition()) not in gone)
         self.assignment -= gone
         if not self._carry:
             self._paused = False

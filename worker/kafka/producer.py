@@ -26,8 +26,18 @@ PRODUCER_DEFAULTS = {
 }
 
 # Consumer-only properties a user may set through KAFKA_*; librdkafka warns if a producer sees them.
-_CONSUMER_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "auto.offset.reset", "group.", "fetch.",
-                  "max.poll.interval.ms", "enable.auto", "auto.commit", "partition.assignment", "isolation.")
+_CONSUMER_ONLY = (
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "auto.offset.reset",
+    "group.",
+    "fetch.",
+    "max.poll.interval.ms",
+    "enable.auto",
+    "auto.commit",
+    "partition.assignment",
+    "isolation.",
+)
 
 
 def producer_config(properties: dict[str, str], overrides: dict[str, str] | None = None) -> dict[str, str]:

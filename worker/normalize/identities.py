@@ -65,12 +65,14 @@ class IdentityTopicReader:
     def __init__(self, properties: dict[str, str], topic: str, identities: IdentityMap) -> None:
         self.topic = topic
         self.identities = identities
-        self._consumer = Consumer({
-            **properties,
-            "group.id": f"segment-identities-reader-{id(self)}",
-            "enable.auto.commit": "false",
-            "enable.auto.offset.store": "false",
-        })
+        self._consumer = Consumer(
+            {
+                **properties,
+                "group.id": f"segment-identities-reader-{id(self)}",
+                "enable.auto.commit": "false",
+                "enable.auto.offset.store": "false",
+            }
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -97,8 +99,9 @@ class IdentityTopicReader:
         if not partitions or metadata.topics[self.topic].error is not None:
             raise KafkaException(f"topic {self.topic} does not exist; run `segment-worker topics create`")
         self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
-        high = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                for p in partitions}
+        high = {
+            p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1] for p in partitions
+        }
         loaded, deadline, last_seen = 0, time.monotonic() + catch_up_timeout, time.monotonic()
         # Read to the high watermarks, then until the topic has been quiet for `idle` seconds: the
         # embedded broker can under-report a watermark, and a quiet topic is caught up either way.
@@ -108,8 +111,10 @@ class IdentityTopicReader:
                 loaded += self._apply(messages)
                 last_seen = time.monotonic()
                 continue
-            positions = {tp.partition: tp.offset for tp in self._consumer.position(
-                [TopicPartition(self.topic, p) for p in partitions])}
+            positions = {
+                tp.partition: tp.offset
+                for tp in self._consumer.position([TopicPartition(self.topic, p) for p in partitions])
+            }
             at_end = all(positions.get(p, -1) >= h or h == 0 for p, h in high.items())
             if at_end and time.monotonic() - last_seen >= idle:
                 break

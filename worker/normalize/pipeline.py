@@ -120,6 +120,9 @@ class Normaliser:
             if known is not None:
                 event["userId"] = known
         if not event.get("anonymousId"):
-            device_id = event["context"].get("device", {}).get("id") if isinstance(
-                event["context"].get("device"), dict) else None
+            device_id = (
+                event["context"].get("device", {}).get("id")
+                if isinstance(event["context"].get("device"), dict)
+                else None
+            )
             event["anonymousId"] = str(device_id) if device_id else anonymous_id_for_user(event["userId"])

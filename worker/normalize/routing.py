@@ -18,6 +18,6 @@ def destinations_for(integrations: dict[str, Any], enabled: list[str]) -> list[s
     chosen = []
     for destination in enabled:
         setting = by_name.get(destination)
-        if (everything if setting is None else setting is not False):
+        if everything if setting is None else setting is not False:
             chosen.append(destination)
     return chosen

@@ -85,13 +85,18 @@ def _split_batch(document: dict[str, Any]) -> Envelope:
         event = {**defaults, **item}
         if shared_context:
             own = item.get("context")
-            event["context"] = deep_merge(shared_context, own) if isinstance(own, dict) else (
-                shared_context if own is None else own  # a non-object context is rejected by validation
-            )
+            if own is None:
+                event["context"] = dict(shared_context)  # a copy: enrichment adds keys per event
+            elif isinstance(own, dict):
+                event["context"] = deep_merge(shared_context, own)
+            # any other `context` is left for validation to reject
         encoded = orjson.dumps(event)
         if len(encoded) > MAX_EVENT_BYTES:
-            envelope.rejected.append(RejectedEvent(
-                index, encoded, f"event is {len(encoded)} bytes; the limit is {MAX_EVENT_BYTES} bytes an event"))
+            envelope.rejected.append(
+                RejectedEvent(
+                    index, encoded, f"event is {len(encoded)} bytes; the limit is {MAX_EVENT_BYTES} bytes an event"
+                )
+            )
             continue
         envelope.events.append(event)
         envelope.indexes.append(index)
@@ -99,5 +104,12 @@ def _split_batch(document: dict[str, Any]) -> Envelope:
 
 
 def _json_type(value: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "number", float: "number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        type(None): "null",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)

@@ -17,8 +17,19 @@ TIMESTAMP_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
 _STRING_FIELDS = ("event", "name", "category", "channel")
 # Credentials must not travel downstream; the collector has already checked them.
 _DROPPED_FIELDS = ("writeKey",)
-_KNOWN = {"type", "messageId", "userId", "anonymousId", "groupId", "previousId", "version",
-          *MAP_FIELDS, *TIMESTAMP_FIELDS, *_STRING_FIELDS, *_DROPPED_FIELDS}
+_KNOWN = {
+    "type",
+    "messageId",
+    "userId",
+    "anonymousId",
+    "groupId",
+    "previousId",
+    "version",
+    *MAP_FIELDS,
+    *TIMESTAMP_FIELDS,
+    *_STRING_FIELDS,
+    *_DROPPED_FIELDS,
+}
 MAX_ID_LENGTH = 1024
 
 
@@ -62,7 +73,8 @@ def canonical(event: dict[str, Any]) -> tuple[SegmentEvent, dict[str, Any]]:
         if value is None:
             out[name] = {}
         elif isinstance(value, dict):
-            out[name] = value
+            # context gets a copy: enrichment adds to it, and the caller's dict may be shared or re-sent
+            out[name] = dict(value) if name == "context" else value
         else:
             raise InvalidEvent(f"`{name}` must be an object, got {type(value).__name__}")
     for name in _STRING_FIELDS:

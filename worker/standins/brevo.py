@@ -108,9 +108,7 @@ async def _serve(
         return _respond(state, rejected.status, rejected.body)
 
 
-def _injected(
-    state: StandinState, status: int, body: dict[str, Any], headers: dict[str, str]
-) -> web.StreamResponse:
+def _injected(state: StandinState, status: int, body: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
     """An injected fault in Brevo's own shape: `{"code", "message"}`, rate limits in x-sib headers."""
     if status == 429:
         reset = headers.get("Retry-After", "1")
@@ -119,9 +117,7 @@ def _injected(
             "x-sib-ratelimit-remaining": "0",
             "x-sib-ratelimit-reset": reset,
         }
-        return _respond(
-            state, 429, {"code": "too_many_requests", "message": "Too many requests"}, sib_headers
-        )
+        return _respond(state, 429, {"code": "too_many_requests", "message": "Too many requests"}, sib_headers)
     message = str(next(iter(body.values()), "error"))
     return _respond(state, status, {"code": "internal_error", "message": message}, headers)
 
@@ -166,9 +162,7 @@ def _validate_event(body: dict[str, Any]) -> str | None:
     if not isinstance(contact_properties, dict) or not all(
         isinstance(v, str | int | float | bool) for v in contact_properties.values()
     ):
-        raise Rejected(
-            400, "invalid_parameter", "contact_properties values must be string, number or boolean"
-        )
+        raise Rejected(400, "invalid_parameter", "contact_properties values must be string, number or boolean")
     if "event_date" in body and not _is_iso_datetime(body["event_date"]):
         raise Rejected(400, "invalid_parameter", "event_date must be an ISO 8601 timestamp")
     message_id = properties.get("messageId")
@@ -199,9 +193,7 @@ def _existing_contact(state: StandinState, index: dict[str, str], identities: di
     """The key of the stored contact these identities name; two different ones are a conflict."""
     keys = {index[i] for i in identities.values() if i in index and index[i] in state.received}
     if len(keys) > 1:
-        raise Rejected(
-            400, "duplicate_parameter", "Unable to update contact, identifiers belong to different contacts"
-        )
+        raise Rejected(400, "duplicate_parameter", "Unable to update contact, identifiers belong to different contacts")
     return next(iter(keys), None)
 
 

@@ -188,11 +188,7 @@ def _validate_event(body: dict[str, Any]) -> str:
         # The API falls back to the contact identifier, which makes every event of a contact
         # one and the same; the destination always sends keyValue, so this is only for fidelity.
         return str(next(v for v in identifiers.values() if _non_empty_str(v)))
-    if (
-        not _non_empty_str(key_value)
-        or len(key_value) > KEY_VALUE_MAX
-        or _FORBIDDEN_KEY_CHARS.search(key_value)
-    ):
+    if not _non_empty_str(key_value) or len(key_value) > KEY_VALUE_MAX or _FORBIDDEN_KEY_CHARS.search(key_value):
         raise Rejected(400, {"message": "keyValue has a forbidden character or is too long"})
     return key_value
 
