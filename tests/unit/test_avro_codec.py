@@ -26,6 +26,18 @@ def test_the_fast_codec_writes_exactly_what_fastavro_writes_and_reads_it_back():
     assert fast.decode(reference.encode(record)) == reference.decode(fast.encode(record))
 
 
+def test_json_fields_are_written_as_the_json_string_fastavro_would_write():
+    import orjson
+
+    reference = SingleObjectCodec(load_schema())
+    fast = FlatRecordCodec(load_schema(), json_fields=("properties", "traits", "context", "integrations", "extra"))
+    as_objects = {**EVENT, "extra": {"v": 2}}
+    as_strings = {k: orjson.dumps(v).decode() if isinstance(v, dict) else v for k, v in as_objects.items()}
+    assert fast.encode(as_objects) == reference.encode(as_strings)
+    decoded = fast.decode(reference.encode(as_strings))
+    assert {k: v for k, v in decoded.items() if v is not None} == as_objects
+
+
 def test_event_round_trip_with_extra():
     codec = EventCodec()
     data = codec.encode(EVENT, {"version": 2})

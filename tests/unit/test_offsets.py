@@ -1,24 +1,33 @@
+from confluent_kafka import Message
+
 from worker.kafka.offsets import OffsetTracker
 
 
-def test_only_the_done_prefix_is_committable_per_partition():
+def messages(*coordinates):
+    return [Message(topic=t, partition=p, offset=o) for t, p, o in coordinates]
+
+
+def test_only_the_done_prefix_of_batches_is_committable_per_partition():
     tracker = OffsetTracker()
-    a = [tracker.track("t", 0, offset) for offset in (10, 11, 12)]
-    b = tracker.track("t", 1, 5)
-    a[1].done()
-    b.done()
-    assert tracker.committable() == {("t", 1): 6}  # offset 10 not done, so 11 cannot be committed
-    a[0].done()
-    assert tracker.committable() == {("t", 0): 12}
+    first = tracker.track(messages(("t", 0, 10), ("t", 0, 11), ("t", 1, 5)))
+    second = tracker.track(messages(("t", 0, 12), ("t", 1, 6)))
+    third = tracker.track(messages(("t", 0, 13)))
+    second.done()
+    assert tracker.committable() == {}  # the first batch is not done, so nothing after it may be committed
+    first.done()
+    assert tracker.committable() == {("t", 0): 13, ("t", 1): 7}
     assert tracker.committable() == {}
     assert tracker.pending() == 1
-    a[2].done()
-    assert tracker.committable() == {("t", 0): 13}
+    third.done()
+    assert tracker.committable() == {("t", 0): 14}
 
 
-def test_forget_drops_a_partition():
+def test_forget_drops_a_partition_and_without_trims_a_batch():
     tracker = OffsetTracker()
-    ticket = tracker.track("t", 0, 1)
+    batch = tracker.track(messages(("t", 0, 1), ("t", 1, 1)))
     tracker.forget([("t", 0)])
-    ticket.done()
-    assert tracker.committable() == {} and tracker.pending() == 0
+    kept = batch.without({("t", 0)})
+    assert [m.partition() for m in kept.messages] == [1] and list(kept.tickets) == [("t", 1)]
+    assert batch.without({("t", 0), ("t", 1)}) is None
+    kept.done()
+    assert tracker.committable() == {("t", 1): 2} and tracker.pending() == 0

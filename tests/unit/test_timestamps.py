@@ -1,21 +1,36 @@
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
-from worker.segment.timestamps import InvalidTimestamp, correct_skew, format_iso, parse_iso, to_millis
+from worker.segment.timestamps import (
+    InvalidTimestamp,
+    correct_skew,
+    format_iso,
+    from_millis,
+    iso_from_millis,
+    millis_of,
+    parse_iso,
+    to_millis,
+)
 
 
 def test_skew_correction_uses_the_devices_own_interval():
     # The device clock is 1 hour fast: it says the event happened at 11:00:00 and was sent at 11:00:10.
-    original = parse_iso("2026-11-22T11:00:00Z")
-    sent = parse_iso("2026-11-22T11:00:10Z")
-    received = parse_iso("2026-11-22T10:00:12Z")  # the server's clock
-    assert format_iso(correct_skew(original, sent, received)) == "2026-11-22T10:00:02.000Z"
+    original = to_millis("2026-11-22T11:00:00Z")
+    sent = to_millis("2026-11-22T11:00:10Z")
+    received = to_millis("2026-11-22T10:00:12Z")  # the server's clock
+    assert iso_from_millis(correct_skew(original, sent, received)) == "2026-11-22T10:00:02.000Z"
 
 
 def test_without_sent_at_nothing_is_corrected():
-    original = parse_iso("2026-11-22T11:00:00Z")
-    assert correct_skew(original, None, original + timedelta(hours=3)) == original
+    original = to_millis("2026-11-22T11:00:00Z")
+    assert correct_skew(original, None, original + 3_600_000) == original
+
+
+@pytest.mark.parametrize("ms", [0, 999, 1_795_000_000_123, 1_795_000_000_999, 1_795_000_001_000])
+def test_iso_from_millis_agrees_with_datetime(ms):
+    assert iso_from_millis(ms) == format_iso(from_millis(ms))
+    assert to_millis(iso_from_millis(ms)) == ms
 
 
 @pytest.mark.parametrize(
@@ -40,3 +55,17 @@ def test_invalid_timestamps(value):
 def test_to_millis():
     assert to_millis("1970-01-01T00:00:01.5Z") == 1500
     assert format_iso(datetime(2026, 1, 1, tzinfo=UTC)) == "2026-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-11-22T10:00:00.123Z", "2026-11-22T12:00:00.123+02:00", "2026-11-22T10:00:00Z", "2024-02-29T23:59:59.999Z"],
+)
+def test_millis_of_fast_path_agrees_with_the_full_parse(text):
+    assert millis_of(text) == millis_of(text) == to_millis(text)
+
+
+@pytest.mark.parametrize("text", ["2026-13-45T00:00:00.000Z", "2026-02-30T00:00:00.000Z", "2026-11-22T10:00:00.1a3Z"])
+def test_millis_of_rejects_impossible_canonical_looking_strings(text):
+    with pytest.raises(InvalidTimestamp):
+        millis_of(text)

@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from worker import logs, metrics
 from worker.health import HEALTH
-from worker.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from worker.kafka.offsets import Batch, OffsetTracker, TopicPartitionKey
 
 log = logs.get(__name__)
 
@@ -55,12 +55,12 @@ def consumer_config(
 
 
 class Backpressure(Exception):
-    """Raised by `Strategy.submit`: cannot take this message now; the loop pauses and offers it again."""
+    """Raised by `Strategy.submit` before taking anything: the loop pauses and offers the batch again."""
 
 
 class Strategy(Protocol):
-    def submit(self, message: Message, ticket: Ticket) -> None:
-        """Take one message; call `ticket.done()` (on the loop's thread) once all its outputs are acknowledged."""
+    def submit(self, batch: Batch) -> None:
+        """Take a batch; call `batch.done()` (on the loop's thread) once all its outputs are acknowledged."""
         ...
 
     def poll(self) -> None:
@@ -103,7 +103,7 @@ class ConsumerLoop:
         self.drain_timeout = drain_timeout
         self.tracker = OffsetTracker()
         self.assignment: set[TopicPartitionKey] = set()
-        self._carry: deque[tuple[Message, Ticket]] = deque()  # refused by the strategy; offered again
+        self._carry: deque[Batch] = deque()  # refused by the strategy; offered again, in order
         self._paused = False
         self._stopping = False
         self._consumer: Consumer | None = None
@@ -135,40 +135,33 @@ class ConsumerLoop:
         if not messages:
             return
         metrics.BATCH_SIZE.observe(len(messages))
-        per_topic: Counter[str] = Counter()
-        for index, message in enumerate(messages):
+        good = []
+        for message in messages:
             error = message.error()
-            if error is not None:
+            if error is None:
+                good.append(message)
+            else:
                 self._on_error(error)
-                continue
-            per_topic[message.topic()] += 1
-            ticket = self.tracker.track(message.topic(), message.partition(), message.offset())
-            if self._carry:  # keep order: nothing overtakes a refused message
-                self._carry.append((message, ticket))
-                continue
-            try:
-                self.strategy.submit(message, ticket)
-            except Backpressure:
-                self._carry.append((message, ticket))
-                self._carry.extend(
-                    (m, self.tracker.track(m.topic(), m.partition(), m.offset()))
-                    for m in messages[index + 1 :]
-                    if m.error() is None
-                )
-                for m in messages[index + 1 :]:
-                    if m.error() is None:
-                        per_topic[m.topic()] += 1
-                self._pause()
-                break
+        if not good:
+            return
+        per_topic = Counter(m.topic() for m in good) if len(self.topics) > 1 else {self.topics[0]: len(good)}
         for topic, count in per_topic.items():
             metrics.CONSUMED.labels(topic).inc(count)
+        batch = self.tracker.track(good)
+        if self._carry:  # keep order: nothing overtakes a refused batch
+            self._carry.append(batch)
+            return
+        try:
+            self.strategy.submit(batch)
+        except Backpressure:
+            self._carry.append(batch)
+            self._pause()
 
     def _offer_carry(self) -> bool:
-        """Offer refused messages again, oldest first; True when all were taken."""
+        """Offer refused batches again, oldest first; True when all were taken."""
         while self._carry:
-            message, ticket = self._carry[0]
             try:
-                self.strategy.submit(message, ticket)
+                self.strategy.submit(self._carry[0])
             except Backpressure:
                 return False
             self._carry.popleft()
@@ -249,7 +242,7 @@ class ConsumerLoop:
         gone = set(keys)
         self.strategy.revoke(keys)
         self.tracker.forget(keys)
-        self._carry = deque(item for item in self._carry if (item[0].topic(), item[0].partition()) not in gone)
+        self._carry = deque(kept for batch in self._carry if (kept := batch.without(gone)) is not None)
         self.assignment -= gone
         if not self._carry:
             self._paused = False

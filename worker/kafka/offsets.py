@@ -1,19 +1,21 @@
-"""Which offsets may be committed: the contiguous prefix, per partition, of messages whose outputs are done.
+"""Which offsets may be committed: the contiguous prefix, per partition, of batches whose outputs are done.
 
-Messages finish out of order (a batch envelope fans out to many outputs; a sink retries one batch
-while the next succeeds), but a committed offset says "everything before this is done", so only a
-done prefix may be stored.
+Batches finish out of order (a sink retries one batch while the next succeeds), but a committed
+offset says "everything before this is done", so only a done prefix may be stored. Tracking is per
+consumed batch and partition, not per message: one ticket per partition a batch touches.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from confluent_kafka import Message
+
 TopicPartitionKey = tuple[str, int]
 
 
 class Ticket:
-    """One consumed message in flight. `done()` is called once, when all its outputs are acknowledged."""
+    """One partition's share of a batch in flight: its highest offset, and whether it is done."""
 
     __slots__ = ("finished", "offset")
 
@@ -21,18 +23,42 @@ class Ticket:
         self.offset = offset
         self.finished = False
 
+
+class Batch:
+    """A consumed batch handed to a strategy. `done()` is called once, when all its outputs are acknowledged."""
+
+    __slots__ = ("messages", "tickets")
+
+    def __init__(self, messages: list[Message], tickets: dict[TopicPartitionKey, Ticket]) -> None:
+        self.messages = messages
+        self.tickets = tickets
+
     def done(self) -> None:
-        self.finished = True
+        for ticket in self.tickets.values():
+            ticket.finished = True
+
+    def without(self, gone: set[TopicPartitionKey]) -> Batch | None:
+        """This batch minus the messages of partitions we no longer own (None if nothing is left)."""
+        messages = [m for m in self.messages if (m.topic(), m.partition()) not in gone]
+        if not messages:
+            return None
+        return Batch(messages, {k: t for k, t in self.tickets.items() if k not in gone})
 
 
 class OffsetTracker:
     def __init__(self) -> None:
         self._in_flight: dict[TopicPartitionKey, deque[Ticket]] = {}
 
-    def track(self, topic: str, partition: int, offset: int) -> Ticket:
-        ticket = Ticket(offset)
-        self._in_flight.setdefault((topic, partition), deque()).append(ticket)
-        return ticket
+    def track(self, messages: list[Message]) -> Batch:
+        """Messages of one consume() call, in order; their tickets join each partition's queue."""
+        highest: dict[TopicPartitionKey, int] = {}
+        for message in messages:
+            highest[(message.topic(), message.partition())] = message.offset()  # offsets rise within a partition
+        tickets = {}
+        for key, offset in highest.items():
+            ticket = tickets[key] = Ticket(offset)
+            self._in_flight.setdefault(key, deque()).append(ticket)
+        return Batch(messages, tickets)
 
     def committable(self) -> dict[TopicPartitionKey, int]:
         """Pop the done prefix of each partition; returns the next offset to commit (last done + 1)."""
@@ -46,6 +72,7 @@ class OffsetTracker:
         return ready
 
     def pending(self) -> int:
+        """Unfinished partition-batches."""
         return sum(len(tickets) for tickets in self._in_flight.values())
 
     def forget(self, keys: list[TopicPartitionKey]) -> None:

@@ -23,6 +23,9 @@ PRODUCER_DEFAULTS = {
     "linger.ms": "5",
     "batch.num.messages": "10000",
     "queue.buffering.max.messages": "200000",
+    # A message not delivered in 2 minutes fails (and so does its input's commit); kept below
+    # max.poll.interval.ms so a flush that waits for it cannot get the consumer thrown out of its group.
+    "message.timeout.ms": "120000",
 }
 
 # Consumer-only properties a user may set through KAFKA_*; librdkafka warns if a producer sees them.
@@ -50,24 +53,48 @@ class ProducerFatal(RuntimeError):
 
 
 class Producer:
-    def __init__(self, properties: dict[str, str], overrides: dict[str, str] | None = None) -> None:
-        self._producer = _RdProducer(producer_config(properties, overrides))
+    """Two ways to learn about deliveries:
+
+    - per message: pass `on_delivery` to `produce` (called for every message, success or failure);
+    - by flushing: construct with `on_failure`; librdkafka then reports only failed messages
+      (`delivery.report.only.error`), so a batch costs no Python call per message, and a `flush()`
+      that returns 0 with no failure reported means every message before it was acknowledged.
+    """
+
+    def __init__(
+        self,
+        properties: dict[str, str],
+        overrides: dict[str, str] | None = None,
+        on_failure: DeliveryCallback | None = None,
+    ) -> None:
+        config: dict[str, object] = {**producer_config(properties, overrides)}
+        if on_failure is not None:
+            config["delivery.report.only.error"] = True
+            config["on_delivery"] = on_failure
+        self._producer = _RdProducer(config)
+        self._produce = self._producer.produce
 
     def produce(
         self,
         topic: str,
         value: bytes | None,
         key: bytes | str | None,
-        on_delivery: DeliveryCallback,
+        on_delivery: DeliveryCallback | None = None,
         headers: Headers | None = None,
         partition: int | None = None,
     ) -> None:
         """Queue one message. When librdkafka's local queue is full, serve callbacks until it has room:
         that wait is the backpressure from a slow broker."""
-        kwargs = {} if partition is None else {"partition": partition}
+        kwargs: dict[str, object] = {}
+        if on_delivery is not None:
+            kwargs["on_delivery"] = on_delivery
+        if headers is not None:
+            kwargs["headers"] = headers
+        if partition is not None:
+            kwargs["partition"] = partition
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=on_delivery, headers=headers, **kwargs)
+                self._produce(topic, value, key, **kwargs)
                 return
             except BufferError:
                 self._producer.poll(0.05)

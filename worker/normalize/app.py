@@ -12,8 +12,9 @@ from confluent_kafka import KafkaError, Message
 from worker import logs, metrics
 from worker.config import Settings
 from worker.dead_letters import Kind, dead_letter_headers
-from worker.kafka.consumer_loop import Backpressure, ConsumerLoop
-from worker.kafka.offsets import Ticket, TopicPartitionKey
+from worker.health import HEALTH
+from worker.kafka.consumer_loop import ConsumerLoop
+from worker.kafka.offsets import Batch, TopicPartitionKey
 from worker.kafka.producer import Producer, ProducerFatal
 from worker.normalize.geo import GeoEnricher
 from worker.normalize.identities import IdentityMap, IdentityTopicReader
@@ -23,64 +24,63 @@ from worker.normalize.user_agent import UserAgentEnricher
 log = logs.get(__name__)
 
 
-class _Outputs:
-    """Counts one input's outstanding writes; the last acknowledgement finishes its ticket."""
-
-    __slots__ = ("remaining", "strategy", "ticket")
-
-    def __init__(self, ticket: Ticket, remaining: int, strategy: NormaliseStrategy) -> None:
-        self.ticket = ticket
-        self.remaining = remaining
-        self.strategy = strategy
-
-    def ack(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self.strategy.failure = f"write to {message.topic()} failed: {error}"
-            return
-        self.strategy.produced[message.topic()] += 1
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.ticket.done()
-            self.strategy.in_flight -= 1
-
-
 class NormaliseStrategy:
-    def __init__(self, settings: Settings, normaliser: Normaliser, producer: Producer) -> None:
-        self.settings = settings
+    """Process a batch, write its outputs, flush, then mark it done.
+
+    The producer reports only failures, so a flush that ends with nothing outstanding and no
+    failure proves every write of the batch was acknowledged, without a Python callback per
+    message (about a tenth of the per-event cost). The flush waits one broker round trip a batch.
+    """
+
+    def __init__(self, settings: Settings, normaliser: Normaliser, properties: dict[str, str]) -> None:
         self.normaliser = normaliser
-        self.producer = producer
-        self.max_in_flight = settings.max_in_flight
-        self.in_flight = 0
         self.failure: str | None = None
+        self.producer = Producer(properties, on_failure=self._on_failure)
         self.dest_topics = {d: settings.topic(f"dest.{d}") for d in settings.destinations}
         self.identities_topic = settings.topic("identities")
         self.dlq_topic = settings.topic("dlq.raw")
-        self.produced = {t: 0 for t in (*self.dest_topics.values(), self.identities_topic, self.dlq_topic)}
+        topics = (*self.dest_topics.values(), self.identities_topic, self.dlq_topic)
+        self._produced = {t: metrics.PRODUCED.labels(t) for t in topics}
+        self._dead_lettered = metrics.DEAD_LETTERED.labels("raw", Kind.INVALID)
+        self._counts = dict.fromkeys(topics, 0)
 
-    def submit(self, message: Message, ticket: Ticket) -> None:
-        if self.in_flight >= self.max_in_flight:
-            self.producer.poll(0.01)
-            if self.in_flight >= self.max_in_flight:
-                raise Backpressure
-        _kind, timestamp_ms = message.timestamp()
-        result = self.normaliser.process(message.value(), timestamp_ms)
-        writes = sum(len(r.destinations) for r in result.routed) + len(result.links) + len(result.rejected)
+    def _on_failure(self, error: KafkaError | None, message: Message) -> None:
+        self.failure = f"write to {message.topic()} failed: {error}"
+
+    def submit(self, batch: Batch) -> None:
+        process = self.normaliser.process
+        for message in batch.messages:
+            _kind, timestamp_ms = message.timestamp()
+            self._write(message, process(message.value(), timestamp_ms))
+        self._flush()
+        batch.done()
+        for topic, count in self._counts.items():
+            if count:
+                self._produced[topic].inc(count)
+                self._counts[topic] = 0
+
+    def _flush(self) -> None:
+        while self.producer.flush(1.0):
+            HEALTH.beat()  # a slow broker is not a stalled worker; message.timeout.ms bounds this wait
+            if self.failure:
+                break
+        if self.failure:
+            raise ProducerFatal(self.failure)
+
+    def _write(self, message: Message, result: Result) -> None:
+        produce = self.producer.produce
+        counts = self._counts
+        for anonymous_id, user_id in result.links:
+            produce(self.identities_topic, user_id.encode(), anonymous_id)
+            counts[self.identities_topic] += 1
+        for routed in result.routed:
+            for destination in routed.destinations:
+                topic = self.dest_topics[destination]
+                produce(topic, routed.value, routed.key)
+                counts[topic] += 1
         for reason in result.filtered:
             metrics.FILTERED.labels(reason).inc()
             log.debug("event filtered", reason=reason, topic=message.topic(), offset=message.offset())
-        if writes == 0:
-            ticket.done()
-            return
-        self.in_flight += 1
-        self._write(message, result, _Outputs(ticket, writes, self))
-
-    def _write(self, message: Message, result: Result, outputs: _Outputs) -> None:
-        produce = self.producer.produce
-        for anonymous_id, user_id in result.links:
-            produce(self.identities_topic, user_id.encode(), anonymous_id, outputs.ack)
-        for routed in result.routed:
-            for destination in routed.destinations:
-                produce(self.dest_topics[destination], routed.value, routed.key, outputs.ack)
         for rejected in result.rejected:
             extra = {} if rejected.batch_index is None else {"batch_index": str(rejected.batch_index)}
             headers = dead_letter_headers(
@@ -92,8 +92,9 @@ class NormaliseStrategy:
                 destination="raw",
                 extra=extra,
             )
-            produce(self.dlq_topic, rejected.value, message.key(), outputs.ack, headers)
-            metrics.DEAD_LETTERED.labels("raw", Kind.INVALID).inc()
+            produce(self.dlq_topic, rejected.value, message.key(), headers=headers)
+            counts[self.dlq_topic] += 1
+            self._dead_lettered.inc()
             log.info(
                 "dead-lettered",
                 reason=rejected.reason,
@@ -105,29 +106,17 @@ class NormaliseStrategy:
 
     def poll(self) -> None:
         self.producer.poll(0)
-        self._flush_metrics()
         if self.failure:
             raise ProducerFatal(self.failure)
 
     def drain(self, timeout: float) -> None:
-        remaining = self.producer.flush(timeout)
-        self._flush_metrics()
-        if self.failure:
-            raise ProducerFatal(self.failure)
-        if remaining:
-            log.warning("writes still unacknowledged after drain", remaining=remaining)
+        """Every batch is flushed before it is marked done, so there is never anything to wait for."""
 
     def revoke(self, partitions: list[TopicPartitionKey]) -> None:
-        """Nothing to drop: drain already waited for every write of the revoked partitions."""
+        """Nothing to drop: no batch is ever left half-written between two calls."""
 
     def close(self) -> None:
         self.producer.flush(5)
-
-    def _flush_metrics(self) -> None:
-        for topic, count in self.produced.items():
-            if count:
-                metrics.PRODUCED.labels(topic).inc(count)
-                self.produced[topic] = 0
 
 
 def build(settings: Settings) -> tuple[ConsumerLoop, IdentityTopicReader]:
@@ -138,7 +127,7 @@ def build(settings: Settings) -> tuple[ConsumerLoop, IdentityTopicReader]:
         UserAgentEnricher(settings.ua_cache_size),
     ]
     normaliser = Normaliser(settings.destinations, identities, enrichers)
-    strategy = NormaliseStrategy(settings, normaliser, Producer(settings.kafka_properties))
+    strategy = NormaliseStrategy(settings, normaliser, settings.kafka_properties)
     loop = ConsumerLoop(
         settings.kafka_properties,
         settings.group("normalize"),

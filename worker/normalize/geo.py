@@ -8,7 +8,6 @@ Lookups are cached by IP: real traffic repeats addresses heavily, and a hit cost
 
 from __future__ import annotations
 
-import ipaddress
 from functools import lru_cache
 from typing import Any
 
@@ -55,15 +54,11 @@ class GeoEnricher:
         self.lookup = lru_cache(maxsize=cache_size)(self._lookup)
 
     def _lookup(self, ip: str) -> dict[str, Any] | None:
+        # The C reader parses the address itself (ipaddress would cost more than the lookup);
+        # private, loopback and reserved ranges are simply absent from city databases.
         try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        if not address.is_global:  # private, loopback, link-local: no location to find
-            return None
-        try:
-            return _location(self.reader.get(address))  # type: ignore[arg-type]
-        except ValueError:
+            return _location(self.reader.get(ip))
+        except ValueError:  # not an IP address
             return None
 
     def __call__(self, event: dict[str, Any]) -> None:

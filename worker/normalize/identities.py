@@ -21,26 +21,36 @@ log = logs.get(__name__)
 
 
 class IdentityMap:
-    """A thread-safe LRU: the reader thread puts, the processing thread gets."""
+    """An LRU shared by the reader thread (puts) and the processing thread (gets, puts).
+
+    Reads and repeated puts take no lock: single OrderedDict operations are atomic under the GIL,
+    and the worst a race can do is refresh the recency of an entry just evicted (KeyError, ignored).
+    Changes take the lock so insert-and-evict stays one step.
+    """
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _touch(self, anonymous_id: str) -> None:
+        try:  # noqa: SIM105 - contextlib.suppress costs more, and this runs per event
+            self._entries.move_to_end(anonymous_id)
+        except KeyError:
+            pass
+
     def get(self, anonymous_id: str) -> str | None:
-        with self._lock:
-            user_id = self._entries.get(anonymous_id)
-            if user_id is not None:
-                self._entries.move_to_end(anonymous_id)
-            return user_id
+        user_id = self._entries.get(anonymous_id)
+        if user_id is not None:
+            self._touch(anonymous_id)
+        return user_id
 
     def put(self, anonymous_id: str, user_id: str) -> bool:
         """Record a link; True when it is new or changed (so it is worth publishing)."""
+        if self._entries.get(anonymous_id) == user_id:  # the common case: already known
+            self._touch(anonymous_id)
+            return False
         with self._lock:
-            if self._entries.get(anonymous_id) == user_id:
-                self._entries.move_to_end(anonymous_id)
-                return False
             self._entries[anonymous_id] = user_id
             self._entries.move_to_end(anonymous_id)
             if len(self._entries) > self.max_entries:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
-
-import orjson
 
 from worker.avro_codec import EventCodec
 from worker.normalize.identities import IdentityMap
@@ -19,7 +16,7 @@ from worker.normalize.routing import destinations_for
 from worker.segment import envelope
 from worker.segment.event import SegmentEvent, partition_key
 from worker.segment.ids import anonymous_id_for_user, deterministic_message_id
-from worker.segment.timestamps import InvalidTimestamp, correct_skew, format_iso, from_millis, parse_iso
+from worker.segment.timestamps import InvalidTimestamp, canonical_text, correct_skew, iso_from_millis, millis_of
 from worker.segment.validate import InvalidEvent, canonical
 
 Enricher = Callable[[dict[str, Any]], None]
@@ -70,20 +67,22 @@ class Normaliser:
             return result
         for item in parsed.rejected:
             result.rejected.append(Rejected(item.value, item.reason, item.index))
-        received_default = from_millis(kafka_timestamp_ms)
-        for raw, index in zip(parsed.events, parsed.indexes, strict=True):
+        received_default_text = iso_from_millis(kafka_timestamp_ms)
+        for position, (raw, index) in enumerate(zip(parsed.events, parsed.indexes, strict=True)):
+            # A bad batch item is dead-lettered as itself (as the envelope serialised it).
+            original = parsed.encoded[position] if parsed.is_batch else (value or b"")
             try:
-                self._one(raw, received_default, result)
+                self._one(raw, kafka_timestamp_ms, received_default_text, result)
             except (InvalidEvent, InvalidTimestamp) as exc:
-                rejected_value = orjson.dumps(raw) if parsed.is_batch else (value or b"")
-                result.rejected.append(Rejected(rejected_value, str(exc), index if parsed.is_batch else None))
+                result.rejected.append(Rejected(original, str(exc), index if parsed.is_batch else None))
         return result
 
-    def _one(self, raw: dict[str, Any], received_default: datetime, result: Result) -> None:
+    def _one(self, raw: dict[str, Any], received_default_ms: int, received_default_text: str, result: Result) -> None:
+        message_id = None if raw.get("messageId") else deterministic_message_id(raw)  # before edits
         event, extra = canonical(raw)
-        self._fix_timestamps(event, received_default)
+        self._fix_timestamps(event, received_default_ms, received_default_text)
         if "messageId" not in event:
-            event["messageId"] = deterministic_message_id(raw)
+            event["messageId"] = message_id or deterministic_message_id(raw)
         self._fill_identity(event, result)
         for enrich in self.enrichers:
             enrich(event)  # type: ignore[arg-type]
@@ -94,16 +93,28 @@ class Normaliser:
         result.routed.append(RoutedEvent(partition_key(event), self.codec.encode(event, extra), chosen, event))
 
     @staticmethod
-    def _fix_timestamps(event: SegmentEvent, received_default: datetime) -> None:
-        received = parse_iso(event["receivedAt"]) if "receivedAt" in event else received_default
-        sent = parse_iso(event["sentAt"]) if "sentAt" in event else None
+    def _fix_timestamps(event: SegmentEvent, received_default_ms: int, received_default_text: str) -> None:
+        """receivedAt (the event's own, else the Kafka timestamp), originalTimestamp as the client
+        said, timestamp corrected for the client's clock skew. Integer milliseconds throughout:
+        this runs for every event."""
+        if "receivedAt" in event:
+            received_ms = millis_of(event["receivedAt"])
+            event["receivedAt"] = received_text = canonical_text(event["receivedAt"], received_ms)
+        else:
+            received_ms = received_default_ms
+            event["receivedAt"] = received_text = received_default_text
         given = event.get("originalTimestamp") or event.get("timestamp")
-        original = parse_iso(given) if given is not None else received
-        event["receivedAt"] = format_iso(received)
-        event["originalTimestamp"] = format_iso(original)
-        event["timestamp"] = format_iso(correct_skew(original, sent, received) if given is not None else received)
-        if sent is not None:
-            event["sentAt"] = format_iso(sent)
+        if given is None:  # the client said nothing: it happened when it arrived
+            event["originalTimestamp"] = event["timestamp"] = received_text
+            return
+        original_ms = millis_of(given)
+        event["originalTimestamp"] = original_text = canonical_text(given, original_ms)
+        if "sentAt" in event:
+            sent_ms = millis_of(event["sentAt"])
+            event["sentAt"] = canonical_text(event["sentAt"], sent_ms)
+            event["timestamp"] = iso_from_millis(correct_skew(original_ms, sent_ms, received_ms))
+        else:
+            event["timestamp"] = original_text
 
     def _fill_identity(self, event: SegmentEvent, result: Result) -> None:
         user_id = event.get("userId")

@@ -32,6 +32,7 @@ class RejectedEvent:
 class Envelope:
     events: list[dict[str, Any]] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)  # batch position of each event
+    encoded: list[bytes] = field(default_factory=list)  # each batch event as JSON (what a dead letter keeps)
     rejected: list[RejectedEvent] = field(default_factory=list)
     is_batch: bool = False
 
@@ -50,7 +51,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 def parse(value: bytes | None) -> Envelope:
     """Decode and split a raw payload. Raises InvalidPayload; per-event problems land in `rejected`."""
-    if value is None or not value.strip():
+    if not value:
         raise InvalidPayload("empty message")
     if len(value) > MAX_BATCH_BYTES:
         raise InvalidPayload(f"payload is {len(value)} bytes; the limit is {MAX_BATCH_BYTES} bytes a batch")
@@ -100,6 +101,7 @@ def _split_batch(document: dict[str, Any]) -> Envelope:
             continue
         envelope.events.append(event)
         envelope.indexes.append(index)
+        envelope.encoded.append(encoded)
     return envelope
 
 

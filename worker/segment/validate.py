@@ -17,19 +17,6 @@ TIMESTAMP_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
 _STRING_FIELDS = ("event", "name", "category", "channel")
 # Credentials must not travel downstream; the collector has already checked them.
 _DROPPED_FIELDS = ("writeKey",)
-_KNOWN = {
-    "type",
-    "messageId",
-    "userId",
-    "anonymousId",
-    "groupId",
-    "previousId",
-    "version",
-    *MAP_FIELDS,
-    *TIMESTAMP_FIELDS,
-    *_STRING_FIELDS,
-    *_DROPPED_FIELDS,
-}
 MAX_ID_LENGTH = 1024
 
 
@@ -37,10 +24,7 @@ class InvalidEvent(ValueError):
     pass
 
 
-def _identifier(event: dict[str, Any], name: str) -> str | None:
-    value = event.get(name)
-    if value is None or value == "":
-        return None
+def _identifier(name: str, value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise InvalidEvent(f"`{name}` must be a string, got {type(value).__name__}")
     text = value if isinstance(value, str) else _number_text(value)
@@ -53,48 +37,52 @@ def _number_text(value: int | float) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def canonical(event: dict[str, Any]) -> tuple[SegmentEvent, dict[str, Any]]:
-    """Return (the event in canonical shape, unknown top-level fields to carry as `extra`).
+_ID_FIELDS = ("messageId", "userId", "anonymousId", "groupId", "previousId")
+_KNOWN = frozenset(("type", *_ID_FIELDS, *MAP_FIELDS, *_STRING_FIELDS, *TIMESTAMP_FIELDS, *_DROPPED_FIELDS))
 
-    Timestamps are left as the client sent them; worker.normalize fixes them against receivedAt.
+
+def canonical(event: dict[str, Any]) -> tuple[SegmentEvent, dict[str, Any]]:
+    """Bring a freshly parsed event into canonical shape, in place; return it with the unknown
+    top-level fields (removed from it) to carry as `extra`.
+
+    In place because this runs for every event and the dict is ours (just parsed). Timestamps are
+    left as the client sent them; worker.normalize fixes them against receivedAt.
     """
     kind = event.get("type")
     if kind not in EVENT_TYPES:
         raise InvalidEvent(f"`type` must be one of {', '.join(EVENT_TYPES)}; got {str(kind)[:40]!r}")
-    out: dict[str, Any] = {"type": kind}
-    for name in ("messageId", "userId", "anonymousId", "groupId", "previousId"):
-        value = _identifier(event, name)
-        if value is not None:
-            out[name] = value
-    if "userId" not in out and "anonymousId" not in out:
-        raise InvalidEvent("either `userId` or `anonymousId` is required")
+    unknown = event.keys() - _KNOWN
+    extra = {name: event.pop(name) for name in unknown} if unknown else {}
+    for name in _ID_FIELDS:
+        value = event.get(name)
+        if value is None or value == "":
+            event.pop(name, None)
+        elif value.__class__ is not str:
+            event[name] = _identifier(name, value)
+        elif len(value) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"`{name}` is {len(value)} characters; the limit is {MAX_ID_LENGTH}")
     for name in MAP_FIELDS:
         value = event.get(name)
         if value is None:
-            out[name] = {}
-        elif isinstance(value, dict):
-            # context gets a copy: enrichment adds to it, and the caller's dict may be shared or re-sent
-            out[name] = dict(value) if name == "context" else value
-        else:
+            event[name] = {}
+        elif value.__class__ is not dict:
             raise InvalidEvent(f"`{name}` must be an object, got {type(value).__name__}")
     for name in _STRING_FIELDS:
         value = event.get(name)
         if value is None:
-            continue
-        if not isinstance(value, str):
+            event.pop(name, None)
+        elif value.__class__ is not str:
             raise InvalidEvent(f"`{name}` must be a string, got {type(value).__name__}")
-        out[name] = value
     for name in TIMESTAMP_FIELDS:
-        value = event.get(name)
-        if value is not None:
-            out[name] = value
-    if kind == "track" and not out.get("event"):
+        if name in event and event[name] is None:
+            del event[name]
+    event.pop("writeKey", None)
+    if "userId" not in event and "anonymousId" not in event:
+        raise InvalidEvent("either `userId` or `anonymousId` is required")
+    if kind == "track" and not event.get("event"):
         raise InvalidEvent("track requires a non-empty `event` name")
-    if kind == "group" and "groupId" not in out:
+    if kind == "group" and "groupId" not in event:
         raise InvalidEvent("group requires `groupId`")
-    if kind == "alias" and ("previousId" not in out or "userId" not in out):
+    if kind == "alias" and ("previousId" not in event or "userId" not in event):
         raise InvalidEvent("alias requires `previousId` and `userId`")
-    extra = {k: v for k, v in event.items() if k not in _KNOWN}
-    if "version" in event:
-        extra["version"] = event["version"]
-    return out, extra  # type: ignore[return-value]
+    return event, extra  # type: ignore[return-value]
