@@ -22,7 +22,7 @@ from worker.segment.validate import InvalidEvent, canonical
 Enricher = Callable[[dict[str, Any]], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class RoutedEvent:
     key: str
     value: bytes  # Avro single-object encoded SegmentEvent
@@ -30,14 +30,14 @@ class RoutedEvent:
     event: SegmentEvent
 
 
-@dataclass
+@dataclass(slots=True)
 class Rejected:
     value: bytes  # what a replay should send back to segment.raw
     reason: str
     batch_index: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     routed: list[RoutedEvent] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)

@@ -61,7 +61,9 @@ class UserAgentEnricher:
         user_agent = context.get("userAgent")
         if not isinstance(user_agent, str) or not user_agent:
             return
-        device, os_info, browser, bot = self.parse(user_agent[:1024])
+        if len(user_agent) > 1024:  # bound what the cache keys on; real user agents are far shorter
+            user_agent = user_agent[:1024]
+        device, os_info, browser, bot = self.parse(user_agent)
         if device and not context.get("device"):
             context["device"] = dict(device)
         if os_info and not context.get("os"):
