@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench kcat-env clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ demo: install
 
 bench: install
 	$(PY) bench/normalize_throughput.py
+
+# Debian's kcat links a librdkafka too old for the embedded broker; link it to the wheel's copy.
+kcat-env: install
+	mkdir -p $(VENV)/kcat-lib
+	ln -sf "$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/confluent_kafka.libs/librdkafka-*.so.1 | head -n 1)" \
+		$(VENV)/kcat-lib/librdkafka.so.1
+	@echo "use: LD_LIBRARY_PATH=$(VENV)/kcat-lib kcat -b 127.0.0.1:9092 ..."
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

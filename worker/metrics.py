@@ -15,3 +15,17 @@ COMMITS = Counter("segment_worker_commits_total", "Synchronous commits (revoke, 
 BATCH_SIZE = Histogram(
     "segment_worker_consume_batch_size", "Messages per consume() batch", buckets=(1, 10, 50, 100, 250, 500, 1000)
 )
+DELIVERED = Counter("segment_worker_delivered_total", "Items a destination accepted", ["destination"])
+RETRIED = Counter("segment_worker_retried_total", "Items scheduled for another attempt", ["destination"])
+HTTP_RESPONSES = Counter(
+    "segment_worker_http_responses_total",
+    "Destination responses by status ('error' = no response)",
+    ["destination", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "segment_worker_request_seconds",
+    "Destination request latency",
+    ["destination"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+OUTSTANDING = Gauge("segment_worker_sink_outstanding_items", "Items handed to the delivery engine, not yet finished")

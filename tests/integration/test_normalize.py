@@ -163,7 +163,9 @@ def test_a_second_normaliser_joins_the_group_and_takes_partitions_without_loss(s
         produce(settings, "raw", [_track(i) for i in range(total // 2)])
         read(settings, "dest.amplitude", lambda seen: len(seen) >= 1000, timeout=60)
         second = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude")
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while "partitions assigned" not in second.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         produce(settings, "raw", [_track(i) for i in range(total // 2, total)])
         messages = read(settings, "dest.amplitude", lambda seen: len(_message_ids(seen)) >= total, timeout=90)
     finally:

@@ -76,6 +76,8 @@ class AmberfloDestination:
 
     def __init__(self, config: AmberfloConfig) -> None:
         self.config = config
+        self.base_urls: Mapping[str, str] = {"default": config.base_url}
+        self.events_per_second: float | None = None  # no documented rate limit; 429s are retried
         self.endpoints: Mapping[str, Endpoint] = {
             INGEST_ENDPOINT: Endpoint(
                 name=INGEST_ENDPOINT,

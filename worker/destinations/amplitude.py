@@ -100,7 +100,8 @@ class AmplitudeDestination:
 
     def __init__(self, config: AmplitudeConfig) -> None:
         self.config = config
-        self.events_per_second = config.events_per_second
+        self.events_per_second: float | None = config.events_per_second
+        self.base_urls: Mapping[str, str] = {"default": config.base_url}
         self.endpoints: Mapping[str, Endpoint] = {
             EVENTS_ENDPOINT: Endpoint(
                 name=EVENTS_ENDPOINT,

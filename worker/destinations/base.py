@@ -53,7 +53,7 @@ class Item:
 
     endpoint: str  # Endpoint.name
     payload: dict[str, Any]
-    dedupe_id: str  # the messageId it came from (insert_id / uniqueId / keyValue at the destination)
+    dedupe_id: str  # the destination's dedupe key, derived from the messageId (insert_id / uniqueId / keyValue)
     user: str = ""  # who it is about (for per-user throttling): user id, else device id
 
 
@@ -72,7 +72,7 @@ class Verdict(StrEnum):
     RETRY = "retry"  # transient failure: back off, counts against the retry budget
     THROTTLED = "throttled"  # this item's user is throttled: hold back only that user
     PERMANENT = "permanent"  # the destination will never accept it: dead letter
-    SPLIT = "split"  # the request was too large (413): halve it and resend
+    SPLIT = "split"  # too large (413), or rejected without saying which item: halve it and resend
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class Outcome:
 class Destination(Protocol):
     name: str
     endpoints: Mapping[str, Endpoint]
+    base_urls: Mapping[str, str]  # Endpoint.base -> URL
+    events_per_second: float | None  # the rate the runner keeps under; None for no limit
 
     def map_event(self, event: SegmentEvent) -> list[Item]:
         """Items for one event; raises Skip or InvalidEvent."""

@@ -123,6 +123,7 @@ class Brevo:
         self.config = config
         self.endpoints: Mapping[str, Endpoint] = {e.name: e for e in (EVENTS, CONTACTS)}
         self.base_urls: Mapping[str, str] = {"default": config.base_url}
+        self.events_per_second: float | None = None  # 429s carry x-sib-ratelimit-reset and are retried
 
     def map_event(self, event: SegmentEvent) -> list[Item]:
         kind = event.get("type")

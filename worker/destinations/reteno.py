@@ -92,6 +92,7 @@ class Reteno:
         self.config = config
         self.endpoints: Mapping[str, Endpoint] = {e.name: e for e in (DEVICES, CONTACTS, EVENTS)}
         self.base_urls: Mapping[str, str] = {"default": config.base_url, "mobile": config.mobile_base_url}
+        self.events_per_second: float | None = None  # 429s are retried with backoff
 
     def map_event(self, event: SegmentEvent) -> list[Item]:
         kind = event.get("type")
