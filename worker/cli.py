@@ -82,6 +82,30 @@ def normalize(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.argument("destination", type=click.Choice(["amplitude", "amberflo", "reteno", "brevo"]))
+@click.pass_context
+def sink(ctx: click.Context, destination: str) -> None:
+    """Run DESTINATION's sink consumer group (segment.dest.DESTINATION -> its API)."""
+    from worker.sink.app import build
+
+    settings = _settings(ctx)
+    health.serve(settings.metrics_port)
+    loop = build(settings, destination)
+    _stop_on_signals(loop.stop)
+    loop.run()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8089, show_default=True)
+def standins(host: str, port: int) -> None:
+    """Serve local stand-ins of the four destination APIs (for demo and tests; not a real destination)."""
+    from worker.standins.server import serve_forever
+
+    serve_forever(host, port)
+
+
+@cli.command()
 @click.argument("topic")
 @click.option("--from-beginning", is_flag=True, help="start at the oldest message (default: only new ones)")
 @click.option("-n", "limit", type=int, help="stop after N messages")

@@ -28,7 +28,7 @@ def make_app(credentials: dict[str, str]) -> web.Application:
         return web.json_response(state.summary())
 
     async def received(request: web.Request) -> web.Response:
-        return web.json_response(list(_state(request).received.values()))
+        return web.json_response(_state(request).received)  # dedupe id -> item, in arrival order
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(_state(request).summary())

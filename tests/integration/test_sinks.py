@@ -1,0 +1,151 @@
+"""Each sink as a real process: real broker, real HTTP to the stand-in destinations, injected faults."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.kafka_helpers import read, settings_for, settle, setup_topics
+from tests.sink_helpers import DESTINATIONS, Standins, start_sink, track_events, write_events
+from worker.avro_codec import EventCodec
+from worker.dead_letters import header_map
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    running = Standins(tmp_path_factory.mktemp("standins"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def settings(broker, prefix):
+    settings = settings_for(broker, prefix, partitions=3)
+    setup_topics(settings)
+    return settings
+
+
+@pytest.fixture(autouse=True)
+def reset(standins):
+    for destination in DESTINATIONS:
+        standins._call("POST", f"/_standin/{destination}/reset", {})
+
+
+def message_ids(events) -> set[str]:
+    return {e["messageId"] for e in events}
+
+
+def dead_letter_ids(settings, destination, timeout=2.0) -> dict[str, dict[str, str]]:
+    codec = EventCodec()
+    messages = settle(settings, f"dlq.{destination}", timeout)
+    return {codec.decode(m.value())[0]["messageId"]: header_map(m.headers()) for m in messages}
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS)
+def test_exactly_once_under_5xx_and_timeouts(settings, standins, destination, tmp_path):
+    events = track_events(300)
+    standins.faults(destination, error_rate=0.2, timeout_rate=0.05, timeout_seconds=1.0, seed=7)
+    write_events(settings, destination, events)
+    sink = start_sink(settings, destination, standins, tmp_path)
+    try:
+        received = standins.wait_received(destination, len(events))
+    finally:
+        assert sink.terminate() == 0
+    assert set(received) == message_ids(events)
+    statuses = standins.stats(destination)["statuses"]
+    assert any(code.startswith("5") for code in statuses), statuses  # the faults really happened
+    assert dead_letter_ids(settings, destination) == {}
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS)
+def test_exactly_once_through_a_429_storm_honouring_retry_after(settings, standins, destination, tmp_path):
+    events = track_events(200)
+    standins.faults(destination, throttle_requests=15, retry_after=0.3)
+    write_events(settings, destination, events)
+    sink = start_sink(settings, destination, standins, tmp_path)
+    started = time.monotonic()
+    try:
+        received = standins.wait_received(destination, len(events))
+    finally:
+        assert sink.terminate() == 0
+    assert set(received) == message_ids(events)
+    assert standins.stats(destination)["statuses"].get("429") == 15
+    assert time.monotonic() - started > 0.3  # it did wait as told
+    assert dead_letter_ids(settings, destination) == {}
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS)
+def test_kill_9_mid_batch_then_restart_delivers_everything(settings, standins, destination, tmp_path):
+    events = track_events(1500)
+    # Slow enough to be caught mid-way: every request waits on a 10% error rate's retries.
+    standins.faults(destination, error_rate=0.1, seed=3)
+    write_events(settings, destination, events)
+    first = start_sink(settings, destination, standins, tmp_path)
+    standins.wait_received(destination, 100)
+    first.kill()
+    assert len(standins.received(destination)) < len(events), "finished before the kill; nothing tested"
+    second = start_sink(settings, destination, standins, tmp_path)
+    try:
+        received = standins.wait_received(destination, len(events), timeout=90)
+    finally:
+        assert second.terminate() == 0
+    assert set(received) == message_ids(events)
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS)
+def test_one_poison_event_per_batch_is_the_only_dead_letter(settings, standins, destination, tmp_path):
+    events = track_events(400)
+    poison = {e["messageId"] for e in events[25::50]}  # one in every 50
+    standins.faults(destination, poison_ids=sorted(poison))
+    write_events(settings, destination, events)
+    sink = start_sink(settings, destination, standins, tmp_path)
+    try:
+        received = standins.wait_received(destination, len(events) - len(poison))
+        dead = {}
+        deadline = time.monotonic() + 30
+        while len(dead) < len(poison) and time.monotonic() < deadline:
+            dead = dead_letter_ids(settings, destination, timeout=1)
+    finally:
+        assert sink.terminate() == 0
+    assert set(received) == message_ids(events) - poison
+    assert set(dead) == poison
+    for headers in dead.values():
+        assert headers["error_kind"] == "permanent" and headers["destination"] == destination
+        assert headers["http_status"] == "400" and headers["error"]
+        assert headers["original_topic"] == settings.topic(f"dest.{destination}")
+
+
+def test_a_throttled_amplitude_user_delays_only_itself(settings, standins, tmp_path):
+    events = track_events(200, users=5)
+    slow_user = "user-003"
+    standins.faults("amplitude", throttled_users=[slow_user], retry_after=1.0)
+    write_events(settings, "amplitude", events)
+    sink = start_sink(settings, "amplitude", standins, tmp_path)
+    try:
+        others = {e["messageId"] for e in events if e["userId"] != slow_user}
+        received = standins.wait_received("amplitude", len(others), timeout=30)
+        assert set(received) == others  # everyone else got through while the user was throttled
+        standins.faults("amplitude")  # the throttling ends
+        received = standins.wait_received("amplitude", len(events), timeout=30)
+    finally:
+        assert sink.terminate() == 0
+    assert set(received) == message_ids(events)
+    assert dead_letter_ids(settings, "amplitude") == {}
+
+
+def test_graceful_stop_commits_so_a_restart_resends_nothing(settings, standins, tmp_path):
+    events = track_events(300)
+    write_events(settings, "amberflo", events)
+    sink = start_sink(settings, "amberflo", standins, tmp_path)
+    standins.wait_received("amberflo", len(events))
+    time.sleep(1.5)  # one auto-commit interval
+    assert sink.terminate() == 0
+    requests_before = standins.stats("amberflo")["requests"]
+    again = start_sink(settings, "amberflo", standins, tmp_path)
+    time.sleep(4)
+    assert again.terminate() == 0
+    assert standins.stats("amberflo")["requests"] == requests_before
+    assert read(settings, "dlq.amberflo", lambda seen: False, timeout=1) == []

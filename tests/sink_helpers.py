@@ -1,0 +1,102 @@
+"""Helpers for sink integration tests: the stand-in server as a process, its control API, events."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.kafka_helpers import produce, start_role
+from worker.avro_codec import EventCodec
+from worker.config import Settings
+from worker.kafka.broker import free_port, wait_for_port
+from worker.processes import Role
+from worker.standins.server import KEY_VARIABLES, default_key
+
+DESTINATIONS = ("amplitude", "amberflo", "reteno", "brevo")
+# Fast retries so fault tests finish in seconds; generous attempts so nothing is exhausted by accident.
+FAST_SINK_ENV = {
+    "SINK_LINGER_MS": "20",
+    "SINK_BACKOFF_INITIAL": "0.05",
+    "SINK_BACKOFF_MAX": "0.5",
+    "SINK_MAX_ATTEMPTS": "200",
+    "SINK_REQUEST_TIMEOUT": "0.5",
+    "AMPLITUDE_EVENTS_PER_SECOND": "1000000",
+}
+
+
+class Standins:
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.role = Role(["standins", "--port", str(self.port)], {}, log_dir / "standins.log")
+        wait_for_port("127.0.0.1", self.port, 15)
+
+    def env(self) -> dict[str, str]:
+        """What a sink needs to talk to these stand-ins."""
+        env = {f"{d.upper()}_BASE_URL": self.base for d in DESTINATIONS}
+        env["RETENO_MOBILE_BASE_URL"] = self.base
+        env.update({KEY_VARIABLES[d]: default_key(d) for d in DESTINATIONS})
+        return env
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else orjson.dumps(body)
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return orjson.loads(response.read())
+
+    def faults(self, destination: str, **faults: Any) -> None:
+        self._call("POST", f"/_standin/{destination}/faults", faults)
+
+    def received(self, destination: str) -> dict[str, Any]:
+        return self._call("GET", f"/_standin/{destination}/received")
+
+    def stats(self, destination: str) -> dict[str, Any]:
+        return self._call("GET", f"/_standin/{destination}/stats")
+
+    def wait_received(self, destination: str, count: int, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        received = self.received(destination)
+        while len(received) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+            received = self.received(destination)
+        return received
+
+    def stop(self) -> None:
+        self.role.terminate()
+
+
+def track_events(count: int, users: int = 10, prefix: str = "m") -> list[dict[str, Any]]:
+    """Normalised track events, as the normaliser would write them."""
+    events = []
+    for i in range(count):
+        user = f"user-{i % users:03d}"
+        events.append(
+            {
+                "type": "track",
+                "messageId": f"{prefix}{i:05d}",
+                "userId": user,
+                "anonymousId": f"anon-{user}",
+                "event": "Order Completed",
+                "timestamp": "2026-11-22T10:00:00.000Z",
+                "originalTimestamp": "2026-11-22T10:00:00.000Z",
+                "receivedAt": "2026-11-22T10:00:01.000Z",
+                "properties": {"value": 2, "revenue": 9.5, "plan": "pro"},
+                "traits": {"email": f"{user}@example.com"},
+                "context": {"ip": "81.2.69.142", "device": {"id": f"dev-{user}", "type": "ios"}},
+                "integrations": {},
+            }
+        )
+    return events
+
+
+def write_events(settings: Settings, destination: str, events: list[dict[str, Any]]) -> None:
+    codec = EventCodec()
+    produce(settings, f"dest.{destination}", [(e["userId"], codec.encode(e)) for e in events])
+
+
+def start_sink(settings: Settings, destination: str, standins: Standins, log_dir: Path, **env: str) -> Role:
+    return start_role(settings, ["sink", destination], log_dir, **{**FAST_SINK_ENV, **standins.env(), **env})
