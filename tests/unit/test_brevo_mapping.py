@@ -281,10 +281,11 @@ def test_invalid_parameter_is_permanent_with_brevo_code_and_message():
     assert result.reason == "HTTP 400 invalid_parameter: event_name must be alphanumeric"
 
 
-def test_unauthorized_is_permanent():
+def test_unauthorized_is_retried_so_a_wrong_key_pauses_the_sink_instead_of_dead_lettering_everything():
     result = classify(CONTACTS, CONTACT, 401, b'{"code": "unauthorized", "message": "Key not found"}')
 
-    assert (result.verdict, result.reason) == (Verdict.PERMANENT, "HTTP 401 unauthorized: Key not found")
+    assert result.verdict is Verdict.RETRY
+    assert "Key not found" in result.reason and "check the API key" in result.reason
 
 
 def test_duplicate_contact_without_update_enabled_means_it_already_exists_which_is_fine():

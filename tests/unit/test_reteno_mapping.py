@@ -510,10 +510,10 @@ def test_classify_other_400_is_permanent_with_the_body_as_reason():
     assert "channels is required" in result.reason
 
 
-def test_classify_401_is_permanent_and_points_at_the_key():
+def test_classify_401_is_retried_and_points_at_the_key():
     result = classify(401, b'{"message": "Unauthorized"}').for_item(0)
 
-    assert result.verdict is Verdict.PERMANENT
+    assert result.verdict is Verdict.RETRY
     assert "RETENO_ACCESS_KEY" in result.reason
 
 

@@ -123,10 +123,6 @@ class AmberfloDestination:
     def classify(
         self, endpoint: Endpoint, items: Sequence[Item], status: int, body: bytes, headers: Mapping[str, str]
     ) -> Outcome:
-        if status in (401, 403):
-            # A rejected key is the deployment's fault, not the events': back off (the sink pauses)
-            # until AMBERFLO_API_KEY is fixed; exhausted retries still end in the DLQ.
-            return Outcome(status, ItemResult(Verdict.RETRY, f"HTTP {status}: API key rejected"))
         result = classify_status(status, body, headers)
         if result.verdict is Verdict.PERMANENT and len(items) > 1:
             # Amberflo's 4xx does not say which record was bad: halve the batch until the bad record

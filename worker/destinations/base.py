@@ -128,10 +128,16 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def classify_status(status: int, body: bytes, headers: Mapping[str, str]) -> ItemResult:
-    """The common HTTP rule: 2xx ok; 408/429/5xx retry (honouring Retry-After); 413 split; other 4xx permanent."""
+    """The common HTTP rule: 2xx ok; 401/403/408/429/5xx retry (honouring Retry-After); 413 split;
+    other 4xx permanent."""
     if 200 <= status < 300:
         return ItemResult(Verdict.OK)
     reason = f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}"
+    if status in (401, 403):
+        # A rejected key is the deployment's fault, not the events': back off (the sink pauses its
+        # partitions) until the key is fixed, instead of dead-lettering everything; a key that stays
+        # wrong still ends in the DLQ as `exhausted` once the retry budget is spent.
+        return ItemResult(Verdict.RETRY, f"{reason} (credentials rejected: check the API key)")
     if status in (408, 429) or status >= 500:
         return ItemResult(Verdict.RETRY, reason, parse_retry_after(_header(headers, "Retry-After")))
     if status == 413:

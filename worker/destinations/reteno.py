@@ -117,7 +117,7 @@ class Reteno:
         if status == 400 and endpoint.name == EVENTS.name:
             result = _classify_event_400(body, result)
         elif status == 401:
-            result = ItemResult(Verdict.PERMANENT, f"{result.reason} (check RETENO_ACCESS_KEY)")
+            result = ItemResult(Verdict.RETRY, f"{result.reason} (check RETENO_ACCESS_KEY)", result.retry_after)
         return Outcome(status, result)
 
     # -- identify ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class _BatchState:
 class _MessageState:
     """One consumed message: how many of its items are unfinished, and the first failure among them."""
 
-    __slots__ = ("batch_state", "finished", "failure", "key", "message", "remaining")
+    __slots__ = ("batch_state", "failure", "finished", "key", "message", "remaining")
 
     def __init__(self, batch_state: _BatchState, message: Message) -> None:
         self.batch_state = batch_state
