@@ -1,33 +1,41 @@
-"""`segment-worker demo`: the pipeline on one machine with the embedded broker.
+"""`segment-worker demo`: the whole pipeline on one machine with the embedded broker.
 
-Starts the broker, creates the topics, starts the normaliser as a child process, writes sample
-traffic (every event type, batch envelopes, poison input) to segment.raw, waits until every event
-has come out on its destination topics or in the dead-letter topic, prints what arrived, and stops
-everything it started. Exits non-zero if anything went missing.
+Starts the broker, creates the topics, starts the stand-in destinations, the normaliser and the
+four sinks as child processes; writes sample traffic (several users, every event type, web and
+mobile user agents, batch envelopes, poison input) to segment.raw; waits until every sink has
+committed everything on its topic; prints what each destination received, what was filtered and
+what was dead-lettered, with reasons; stops everything it started. Exits non-zero if anything
+went missing.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker.avro_codec import EventCodec
 from worker.config import Settings
 from worker.dead_letters import header_map
-from worker.kafka.broker import EmbeddedBroker, free_port
+from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
 from worker.kafka.producer import Producer
 from worker.processes import FAST_GROUP_ENV, Role
 from worker.samples import sample_payloads
+from worker.standins.server import KEY_VARIABLES, default_key
 from worker.tail import decode_value
 from worker.topics import create_all
 
+DEADLINE_SECONDS = 90
 
-def _say(text: str) -> None:
+
+def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
@@ -40,91 +48,187 @@ def produce_all(properties: dict[str, str], topic: str, payloads: list[tuple[str
         raise RuntimeError(f"could not write sample traffic: {failures[:3]}")
 
 
-def collect(properties: dict[str, str], topics: list[str], expected: dict[str, int], timeout: float) -> dict[str, list]:
-    """Read `topics` from the beginning until each has its expected count (or the timeout)."""
+def read_topics(properties: dict[str, str], topics: list[str], quiet: float = 1.0) -> dict[str, list[Message]]:
+    """Everything on `topics`, read from the beginning until nothing new arrives for `quiet` seconds
+    (counted from the first fetch's answer: assigning and fetching take a moment of their own)."""
     consumer = Consumer({**properties, "group.id": "segment-demo-reader", "enable.auto.commit": "false"})
-    partitions = []
     metadata = consumer.list_topics(timeout=10)
-    for topic in topics:
-        partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions]
-    consumer.assign(partitions)
-    seen: dict[str, list] = {t: [] for t in topics}
-    deadline = time.monotonic() + timeout
+    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in metadata.topics[t].partitions])
+    seen: dict[str, list[Message]] = {t: [] for t in topics}
+    last = time.monotonic() + 1.0
     try:
-        while time.monotonic() < deadline and any(len(seen[t]) < expected[t] for t in topics):
-            for message in consumer.consume(500, 0.2):
+        while time.monotonic() - last < quiet:
+            for message in consumer.consume(500, 0.1):
                 if message.error() is None:
                     seen[message.topic()].append(message)
+                    last = time.monotonic()
     finally:
         consumer.close()
     return seen
 
 
+def committed_total(properties: dict[str, str], group: str, topic: str) -> int:
+    """Messages a consumer group has committed on a topic (offsets count from 0, nothing is compacted)."""
+    consumer = Consumer({**properties, "group.id": group, "enable.auto.commit": "false"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(tp.offset, 0) for tp in committed)
+    finally:
+        consumer.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A role's counters, flattened to 'name{label=value,...}' -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return orjson.loads(response.read())
+
+
+class Stack:
+    """Every process the demo starts, stopped by PID in reverse order."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.roles: list[tuple[str, Role, int]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> int:
+        metrics_port = free_port()
+        role = Role(args, {**env, "METRICS_PORT": str(metrics_port)}, self.workdir / f"{name}.log")
+        self.roles.append((name, role, metrics_port))
+        return metrics_port
+
+    def check_alive(self) -> None:
+        for name, role, _port in self.roles:
+            if not role.alive():
+                raise RuntimeError(f"{name} exited with {role.process.returncode}; see {role.log_path}")
+
+    def stop(self) -> None:
+        for _name, role, _port in reversed(self.roles):
+            role.terminate()
+
+
 def run_demo(settings: Settings, keep_running: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="segment-demo-"))
     port = free_port()
-    _say(f"[1/5] starting the embedded broker on 127.0.0.1:{port} (logs in {workdir})")
+    _say(f"[1/6] starting the embedded broker on 127.0.0.1:{port} (logs in {workdir})")
     broker = EmbeddedBroker(port, log_path=workdir / "broker.log").start()
     settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers, "topic_partitions": 3})
-    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, **FAST_GROUP_ENV}
-    roles: list[Role] = []
+    props = {**settings.kafka_properties, "bootstrap.servers": broker.bootstrap_servers}
+    stack = Stack(workdir)
     try:
-        props = settings.kafka_properties
-        props["bootstrap.servers"] = broker.bootstrap_servers
-        _say("[2/5] creating topics")
+        _say("[2/6] creating topics")
         create_all(settings)
-        _say("[3/5] starting the normaliser (consumer group segment-normalize)")
-        roles.append(Role(["normalize"], env, workdir / "normalize.log"))
+        standins_port = free_port()
+        base = f"http://127.0.0.1:{standins_port}"
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "TOPIC_PREFIX": settings.topic_prefix,
+            "CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
+            "DESTINATIONS": ",".join(settings.destinations),
+            **FAST_GROUP_ENV,
+            **{f"{d.upper()}_BASE_URL": base for d in KEY_VARIABLES},
+            "RETENO_MOBILE_BASE_URL": base,
+            **{variable: default_key(d) for d, variable in KEY_VARIABLES.items()},
+        }
+        _say(f"[3/6] starting the stand-in destinations on {base}")
+        stack.start("standins", ["standins", "--port", str(standins_port)], env)
+        wait_for_port("127.0.0.1", standins_port, 15)
+        _say(f"[4/6] starting the normaliser and the sinks for {', '.join(settings.destinations)}")
+        stack.start("normalize", ["normalize"], env)
+        for destination in settings.destinations:
+            stack.start(f"sink-{destination}", ["sink", destination], env)
         payloads, good, poison = sample_payloads()
-        _say(
-            f"[4/5] writing {len(payloads)} raw messages ({good} events, {len(poison)} poison) "
-            f"to {settings.topic('raw')}"
-        )
+        _say(f"[5/6] writing {len(payloads)} raw messages ({good} events, {len(poison)} poison) to segment.raw")
         produce_all(props, settings.topic("raw"), payloads)
-        dest_topics = [settings.topic(f"dest.{d}") for d in settings.destinations]
-        dlq = settings.topic("dlq.raw")
-        expected = {**dict.fromkeys(dest_topics, good), dlq: len(poison)}
-        _say("[5/5] waiting for every event to come out")
-        seen = collect(props, [*dest_topics, dlq], expected, timeout=60)
-        ok = _report(seen, expected, dest_topics, dlq)
+        _say("[6/6] waiting until every sink has committed everything on its topic")
+        ok = _wait_and_report(settings, props, stack, base, good, len(poison))
         if keep_running:
             _say(
-                f"\nstack is up: KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} segment-worker tail dest.amplitude "
-                f"--from-beginning\nwrite more with kcat -b {broker.bootstrap_servers} -t {settings.topic('raw')} -P; "
-                "Ctrl-C to stop"
+                f"\nthe stack is up. Send more with\n  KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} "
+                f"segment-worker tail dest.amplitude --from-beginning\n  make kcat-env; LD_LIBRARY_PATH=.venv/kcat-lib "
+                f"kcat -b {broker.bootstrap_servers} -t segment.raw -P\nstand-ins: {base}/_standin/amplitude/received"
+                "\nCtrl-C to stop"
             )
             try:
-                while all(r.alive() for r in roles):
+                while True:
+                    stack.check_alive()
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
         return 0 if ok else 1
     finally:
-        for role in roles:
-            role.terminate()
+        _say("stopping every process the demo started")
+        stack.stop()
         broker.stop()
 
 
-def _report(seen: dict[str, list], expected: dict[str, int], dest_topics: list[str], dlq: str) -> bool:
-    codec, ok = EventCodec(), True
-    _say("")
-    for topic in dest_topics:
-        messages = seen[topic]
-        types = Counter(decode_value(m.value(), codec)["type"] for m in messages)
-        status = "ok" if len(messages) == expected[topic] else "MISSING"
-        ok &= status == "ok"
-        _say(f"{topic}: {len(messages)}/{expected[topic]} {status}  by type {dict(sorted(types.items()))}")
-    if dest_topics and seen[dest_topics[0]]:
-        sample = next(
-            (m for m in seen[dest_topics[0]] if decode_value(m.value(), codec)["type"] == "track"),
-            seen[dest_topics[0]][0],
-        )
-        _say(f"\nsample from {dest_topics[0]} (key {sample.key().decode()}):")
-        _say(orjson.dumps(decode_value(sample.value(), codec), option=orjson.OPT_INDENT_2).decode())
-    _say(f"\n{dlq}: {len(seen[dlq])}/{expected[dlq]} dead letters")
-    for message in seen[dlq]:
+def _wait_and_report(
+    settings: Settings, props: dict[str, str], stack: Stack, base: str, good: int, poison: int
+) -> bool:
+    dest_topics = {d: settings.topic(f"dest.{d}") for d in settings.destinations}
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    pending = dict(dest_topics)
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        topics = read_topics(props, list(dest_topics.values()), quiet=0.3)
+        for destination, topic in list(pending.items()):
+            done = committed_total(props, settings.group(f"sink-{destination}"), topic)
+            if len(topics[topic]) == good and done == good:
+                _say(f"      {destination}: all {good} events delivered or dead-lettered, offsets committed")
+                del pending[destination]
+        if not pending:
+            break
+        time.sleep(0.5)
+    ok = not pending
+    for destination in pending:
+        _say(f"      {destination}: NOT FINISHED within {DEADLINE_SECONDS}s")
+
+    codec = EventCodec()
+    dlq_topics = {d: settings.topic(f"dlq.{d}") for d in ["raw", *settings.destinations]}
+    dead = read_topics(props, list(dlq_topics.values()), quiet=0.5)
+    metrics = {name: scrape(port) for name, _role, port in stack.roles if name.startswith("sink-")}
+    _say()
+    _say(f"{'destination':12} {'events':>6} {'API items':>12} {'filtered':>8} {'dead letters':>12}")
+    for destination in settings.destinations:
+        received = _get_json(f"{base}/_standin/{destination}/received")
+        filtered = {
+            key.split("reason=")[1].rstrip("}"): value
+            for key, value in metrics[f"sink-{destination}"].items()
+            if key.startswith("segment_worker_filtered_total{") and value
+        }
+        letters = dead[dlq_topics[destination]]
+        _say(f"{destination:12} {good:>6} {len(received):>12} {int(sum(filtered.values())):>8} {len(letters):>12}")
+        for reason, count in sorted(filtered.items()):
+            _say(f"    filtered {int(count)}: {reason}")
+        for message in letters:
+            headers = header_map(message.headers())
+            _say(f"    dead letter [{headers.get('error_kind')}] {headers.get('error')}")
+        ok &= bool(received)
+    for destination in settings.destinations:
+        received = _get_json(f"{base}/_standin/{destination}/received")
+        if received:
+            key, payload = next(iter(received.items()))
+            _say(f"\n{destination} received, e.g. (dedupe key {key}):")
+            _say(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
+    raw_letters = dead[dlq_topics["raw"]]
+    _say(f"\nsegment.dlq.raw: {len(raw_letters)}/{poison} poison messages dead-lettered by the normaliser")
+    for message in raw_letters:
         headers = header_map(message.headers())
-        _say(f"  [{headers.get('error_kind')}] {headers.get('error')}")
-    ok &= len(seen[dlq]) == expected[dlq]
-    _say("\nall events accounted for" if ok else "\nSOME EVENTS ARE MISSING")
+        _say(f"    [{headers.get('error_kind')}] {headers.get('error')}")
+    ok &= len(raw_letters) == poison
+    sample = next(iter(read_topics(props, [settings.topic("dest.amplitude")], quiet=0.3).values()), [])
+    types = Counter(decode_value(m.value(), codec)["type"] for m in sample)
+    _say(f"\nevents by type on the destination topics: {dict(sorted(types.items()))}")
+    _say("\nall sample events accounted for" if ok else "\nSOME EVENTS ARE NOT ACCOUNTED FOR")
     return ok

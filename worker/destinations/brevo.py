@@ -131,7 +131,7 @@ class Brevo:
             return [self._item(CONTACTS, self.contact_payload(event), event)]
         if kind in ("track", "page", "screen"):
             return [self._item(EVENTS, self.event_payload(event), event)]
-        raise Skip(f"brevo has no equivalent of a {kind} call")
+        raise Skip(f"brevo has no {kind} call")
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
         if len(items) != 1:

@@ -100,7 +100,7 @@ class Reteno:
             return self._identify_items(event)
         if kind in ("track", "page", "screen"):
             return [self._event_item(event)]
-        raise Skip(f"reteno has no equivalent of a {kind} call")
+        raise Skip(f"reteno has no {kind} call")
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
         if len(items) != 1:
