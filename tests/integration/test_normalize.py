@@ -215,3 +215,41 @@ def test_identity_filled_across_partitions_and_across_a_restart(settings, tmp_pa
         assert second.terminate() == 0
     track = next((m, decode(m)) for m in messages if decode(m)["messageId"] == "track-2")
     assert track[1]["userId"] == "user-9" and track[0].key() == b"user-9"
+
+
+def test_metrics_and_probes_are_served_and_counters_move(settings, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from worker.kafka.broker import free_port
+
+    port = free_port()
+    normaliser = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude", METRICS_PORT=str(port))
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:
+            return 0, ""
+
+    try:
+        deadline = time.monotonic() + 30
+        while get("/readyz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert get("/readyz")[0] == 200 and get("/healthz")[0] == 200
+        produce(settings, "raw", [_track(i) for i in range(50)] + [("bad", b"{not json")])
+        read_count(settings, "dest.amplitude", 50)
+        read_count(settings, "dlq.raw", 1)
+        time.sleep(0.5)
+        _status, text = get("/metrics")
+    finally:
+        assert normaliser.terminate() == 0
+    raw, dest, dlq = settings.topic("raw"), settings.topic("dest.amplitude"), settings.topic("dlq.raw")
+    assert f'segment_worker_consumed_total{{topic="{raw}"}} 51.0' in text
+    assert f'segment_worker_produced_total{{topic="{dest}"}} 50.0' in text
+    assert f'segment_worker_produced_total{{topic="{dlq}"}} 1.0' in text
+    assert 'segment_worker_dead_lettered_total{destination="raw",kind="invalid"} 1.0' in text
+    assert "segment_worker_assigned_partitions 4.0" in text

@@ -149,3 +149,22 @@ def test_graceful_stop_commits_so_a_restart_resends_nothing(settings, standins, 
     assert again.terminate() == 0
     assert standins.stats("amberflo")["requests"] == requests_before
     assert read(settings, "dlq.amberflo", lambda seen: False, timeout=1) == []
+
+
+def test_a_destination_that_stays_down_exhausts_the_retry_budget_into_the_dlq(settings, standins, tmp_path):
+    events = track_events(20)
+    standins.faults("amberflo", down=True)
+    write_events(settings, "amberflo", events)
+    sink = start_sink(settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="3")
+    try:
+        dead = {}
+        deadline = time.monotonic() + 30
+        while len(dead) < len(events) and time.monotonic() < deadline:
+            dead = dead_letter_ids(settings, "amberflo", timeout=1)
+    finally:
+        assert sink.terminate() == 0
+    assert set(dead) == message_ids(events)
+    for headers in dead.values():
+        assert headers["error_kind"] == "exhausted" and headers["attempts"] == "3"
+        assert headers["http_status"] == "503" and "gave up after 3 attempts" in headers["error"]
+    assert standins.received("amberflo") == {}

@@ -1,0 +1,333 @@
+"""Sink memory and recovery under a destination outage: the Amplitude stand-in answers 503 to everything.
+
+A producer writes steady input (500 events/s of realistic normalised track events, Avro-encoded) to
+`segment.dest.amplitude` for the whole run. After a warm-up the stand-in goes `down` for
+`--outage-seconds`, then comes back. Meanwhile the sink process's RSS (VmRSS) is sampled every second,
+and its `/metrics` tell whether it paused its partitions (backpressure) and how many items it holds.
+
+Printed: RSS at the start of the outage, the most during it, at its end (MB) and max/start; whether
+input was paused; how long after the stand-in came back the sink had caught up with the live input;
+and "delivered X/Y", checked by messageId against everything the producer had acknowledged (with
+anything missing looked for on the DLQ).
+
+Every SINK_* setting is the default, as is AMPLITUDE_EVENTS_PER_SECOND (1000/s, the project-wide
+upload rate the sink keeps under): catching up with a backlog is paced by it, as it would be in
+production. `--amplitude-eps` lifts it.
+
+    .venv/bin/python bench/sink_outage_rss.py [--outage-seconds 120] [--rate 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sink_throughput import PREFIX, StandinServer, normalised_events, start_sink
+
+from worker.config import Settings
+from worker.kafka.broker import EmbeddedBroker, free_port
+from worker.kafka.producer import Producer
+from worker.processes import Role
+from worker.topics import create_all
+
+DESTINATION = "amplitude"
+CAUGHT_UP_LAG = 2.0  # seconds: caught up once everything produced this long ago has arrived (by count)
+MB = 1024 * 1024
+
+
+# -- steady input ----------------------------------------------------------------------------------
+
+
+class SteadyProducer(threading.Thread):
+    """Writes `rate` events/s to the dest topic in 0.1 s ticks until stopped; remembers what was acknowledged."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: int, users: int, limit_seconds: float) -> None:
+        super().__init__(name="steady-producer", daemon=True)
+        self.topic = topic
+        self.rate = rate
+        self.limit_seconds = limit_seconds  # a hard bound, whatever the main thread does
+        self.producer = Producer({"bootstrap.servers": bootstrap})
+        # Events are generated lazily, so a run of any length needs no up-front memory or time.
+        self.events = normalised_events(int(rate * limit_seconds) + rate, users, seed=11)
+        self.acked: list[str] = []  # messageIds, appended on this thread, only read elsewhere
+        self.errors: list[str] = []
+        self.history: deque[tuple[float, int]] = deque(maxlen=600)  # (time, acknowledged so far)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        per_tick = max(1, self.rate // 10)
+        tick = 0
+        while not self.stopping.is_set() and time.monotonic() - started < self.limit_seconds:
+            for _ in range(per_tick):
+                key, value, message_id = next(self.events)
+                self.producer.produce(self.topic, value, key, self._delivered(message_id))
+            tick += 1
+            self.producer.poll(0)
+            self.history.append((time.monotonic(), len(self.acked)))
+            self.stopping.wait(max(0.0, started + tick / 10 - time.monotonic()))
+        self.producer.flush(60)
+        self.history.append((time.monotonic(), len(self.acked)))
+
+    def _delivered(self, message_id: str) -> Any:
+        def callback(error: Any, _message: Any) -> None:
+            if error is None:
+                self.acked.append(message_id)
+            else:
+                self.errors.append(str(error))
+
+        return callback
+
+    def acked_before(self, moment: float) -> int:
+        """How many events had been acknowledged by `moment` (from the tick history)."""
+        count = 0
+        for when, acked in list(self.history):
+            if when > moment:
+                break
+            count = acked
+        return count
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(90)
+
+
+# -- what the sink looks like from outside -------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / MB
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text from the sink's METRICS_PORT: metric name -> value, summed over labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_part, _, value = line.rpartition(" ")
+            values[name_part.split("{", 1)[0]] += float(value)
+    return dict(values)
+
+
+@dataclass
+class Sample:
+    at: float  # seconds since the outage began
+    rss: float
+    paused: float
+    outstanding: float
+    dead_lettered: float
+    received: int
+    produced: int
+
+
+@dataclass
+class Watch:
+    sink: Role
+    metrics_port: int
+    standins: StandinServer
+    producer: SteadyProducer
+    outage_started: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+
+    def sample(self) -> Sample:
+        if not self.sink.alive():
+            raise SystemExit(f"the sink exited ({self.sink.process.returncode}); see {self.sink.log_path}")
+        metrics = scrape(self.metrics_port)
+        sample = Sample(
+            at=time.monotonic() - self.outage_started,
+            rss=rss_mb(self.sink.pid),
+            paused=metrics.get("segment_worker_paused_partitions", 0.0),
+            outstanding=metrics.get("segment_worker_sink_outstanding_items", 0.0),
+            dead_lettered=metrics.get("segment_worker_dead_lettered_total", 0.0),
+            received=self.standins.stats(DESTINATION)["received"],
+            produced=len(self.producer.acked),
+        )
+        self.samples.append(sample)
+        return sample
+
+
+def show(sample: Sample) -> None:
+    print(
+        f"  t={sample.at:6.0f}s rss {sample.rss:6.1f} MB  paused {sample.paused:.0f}  "
+        f"outstanding {sample.outstanding:7.0f}  dead-lettered {sample.dead_lettered:.0f}  "
+        f"received {sample.received:7d}/{sample.produced}",
+        flush=True,
+    )
+
+
+def every_second(watch: Watch, seconds: float, until: Any = None) -> Sample | None:
+    """Sample once a second for `seconds` (or until `until(sample)` holds, then return that sample)."""
+    end = time.monotonic() + seconds
+    tick = time.monotonic()
+    while time.monotonic() < end:
+        sample = watch.sample()
+        if len(watch.samples) % 10 == 0:
+            show(sample)
+        if until is not None and until(sample):
+            return sample
+        tick += 1.0
+        time.sleep(max(0.0, tick - time.monotonic()))
+    return None
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def warm_up(watch: Watch, seconds: float) -> None:
+    """Steady state first: the sink joined its group and is keeping up with the input."""
+    deadline = time.monotonic() + 60
+    while watch.standins.stats(DESTINATION)["received"] == 0:
+        if time.monotonic() > deadline or not watch.sink.alive():
+            raise SystemExit(f"the sink delivered nothing within 60 s; see {watch.sink.log_path}")
+        time.sleep(0.2)
+    time.sleep(seconds)
+
+
+def caught_up(producer: SteadyProducer) -> Any:
+    def check(sample: Sample) -> bool:
+        return sample.received >= producer.acked_before(time.monotonic() - CAUGHT_UP_LAG)
+
+    return check
+
+
+def dead_letters(settings: Settings, timeout: float = 10.0) -> Counter[str]:
+    """error_kind of every message on the DLQ (read until quiet)."""
+    topic = settings.topic(f"dlq.{DESTINATION}")
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "bench-dlq-reader", "enable.auto.commit": "false"}
+    )
+    kinds: Counter[str] = Counter()
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        quiet_until = time.monotonic() + 3
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < min(quiet_until, deadline):
+            for message in consumer.consume(1000, 0.5):
+                if message.error() is None:
+                    headers = dict(message.headers() or [])
+                    kinds[(headers.get("error_kind") or b"?").decode()] += 1
+                    quiet_until = time.monotonic() + 3
+    finally:
+        consumer.close()
+    return kinds
+
+
+def verify(watch: Watch, settings: Settings, timeout: float) -> tuple[int, int, Counter[str]]:
+    """Wait for the last events, then compare what arrived (by insert_id = messageId) with what was written."""
+    produced = list(watch.producer.acked)
+    deadline = time.monotonic() + timeout
+    while watch.standins.stats(DESTINATION)["received"] < len(produced) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    received = watch.standins.call("GET", f"/_standin/{DESTINATION}/received", timeout=120)
+    delivered = len(set(produced) & received.keys())
+    return delivered, len(produced), dead_letters(settings)
+
+
+def summarise(watch: Watch, outage: float, recovery: float | None, result: tuple[int, int, Counter[str]]) -> None:
+    during = [s for s in watch.samples if 0 <= s.at <= outage]
+    after = [s for s in watch.samples if s.at > outage]
+    start, end = during[0], during[-1]
+    peak = max(during, key=lambda s: s.rss)
+    paused = [s for s in during if s.paused > 0]
+    print(f"RSS at start of outage: {start.rss:.1f} MB")
+    print(f"RSS max during outage:  {peak.rss:.1f} MB (t={peak.at:.0f}s)")
+    print(f"RSS at end of outage:   {end.rss:.1f} MB")
+    print(f"ratio max/start: {peak.rss / start.rss:.2f}")
+    if after:
+        print(f"RSS max during recovery: {max(s.rss for s in after):.1f} MB")
+    if paused:
+        print(
+            f"input paused: yes, from t={paused[0].at:.0f}s ({max(s.paused for s in paused):.0f} partitions), "
+            f"holding at most {max(s.outstanding for s in during):,.0f} items"
+        )
+    else:
+        print(f"input paused: no (at most {max(s.outstanding for s in during):,.0f} items outstanding)")
+    if recovery is None:
+        print("recovery: did not catch up with the live input in time")
+    else:
+        print(f"recovery: caught up with the live input {recovery:.0f}s after the stand-in came back")
+    delivered, produced, kinds = result
+    print(f"delivered {delivered}/{produced}" + ("" if delivered == produced else " (NOT ALL)"))
+    if kinds:
+        print("dead-lettered: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
+
+
+def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None:
+    settings = Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        topic_prefix=PREFIX,
+        consumer_group_prefix="bench-",
+        topic_partitions=args.partitions,
+    )
+    create_all(settings)
+    limit = args.warmup_seconds + args.outage_seconds + args.recovery_timeout + 60
+    producer = SteadyProducer(
+        broker.bootstrap_servers, settings.topic(f"dest.{DESTINATION}"), args.rate, args.users, limit
+    )
+    standins = StandinServer(log_dir)
+    metrics_port = free_port()
+    extra = {"METRICS_PORT": str(metrics_port)}
+    if args.amplitude_eps:
+        extra["AMPLITUDE_EVENTS_PER_SECOND"] = str(args.amplitude_eps)
+    sink = start_sink(broker.bootstrap_servers, DESTINATION, standins, log_dir, **extra)
+    watch = Watch(sink, metrics_port, standins, producer)
+    try:
+        producer.start()
+        warm_up(watch, args.warmup_seconds)
+        print(f"outage: the {DESTINATION} stand-in answers 503 for {args.outage_seconds:.0f}s", flush=True)
+        standins.faults(DESTINATION, down=True)
+        watch.outage_started = time.monotonic()
+        every_second(watch, args.outage_seconds)
+        standins.faults(DESTINATION)  # {} resets: the destination is back
+        print("the stand-in is back", flush=True)
+        back = watch.sample()
+        done = every_second(watch, args.recovery_timeout, until=caught_up(producer))
+        recovery = None if done is None else done.at - back.at
+        producer.stop()
+        summarise(watch, args.outage_seconds, recovery, verify(watch, settings, args.recovery_timeout))
+    finally:
+        producer.stop()
+        sink.terminate()
+        standins.role.terminate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--outage-seconds", type=float, default=120)
+    parser.add_argument("--rate", type=int, default=500, help="input events/s, for the whole run")
+    parser.add_argument("--warmup-seconds", type=float, default=10)
+    parser.add_argument("--recovery-timeout", type=float, default=600)
+    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--amplitude-eps", type=float, help="AMPLITUDE_EVENTS_PER_SECOND (default: the sink's)")
+    args = parser.parse_args()
+
+    log_dir = Path(tempfile.mkdtemp(prefix="sink-outage-"))
+    print(f"logs in {log_dir}")
+    with EmbeddedBroker(free_port(), log_path=log_dir / "tansu.log") as broker:
+        run(args, broker, log_dir)
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
