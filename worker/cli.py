@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 import click
+import orjson
 
 from worker import health, logs
 from worker.config import Settings, load_settings
@@ -103,6 +104,58 @@ def standins(host: str, port: int) -> None:
     from worker.standins.server import serve_forever
 
     serve_forever(host, port)
+
+
+DLQ_CHOICES = click.Choice(["amplitude", "amberflo", "reteno", "brevo", "raw"])
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: inspect them, replay them."""
+
+
+@dlq.command("inspect")
+@click.argument("destination", type=DLQ_CHOICES)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--samples", default=3, show_default=True, help="how many dead letters to show in full")
+@click.pass_context
+def dlq_inspect(ctx: click.Context, destination: str, as_json: bool, samples: int) -> None:
+    """Counts of DESTINATION's dead letters by kind and reason, oldest/newest, samples with headers."""
+    from worker.dlq import inspect, print_inspection
+
+    result = inspect(_settings(ctx), destination, samples)
+    if as_json:
+        click.echo(orjson.dumps(result.as_json()).decode())
+    else:
+        print_inspection(result, sys.stdout)
+
+
+@dlq.command("replay")
+@click.argument("destination", type=DLQ_CHOICES)
+@click.option("--reason", help="only dead letters whose error contains this text (case-insensitive)")
+@click.option("--since", help="only dead letters that failed at or after this ISO-8601 time")
+@click.option("--max", "max_messages", type=int, help="replay at most N, then stop (a re-run continues)")
+@click.option("--dry-run", is_flag=True, help="count what would be replayed; write and commit nothing")
+@click.option("--rate", type=float, help="at most this many dead letters a second")
+@click.pass_context
+def dlq_replay(
+    ctx: click.Context,
+    destination: str,
+    reason: str | None,
+    since: str | None,
+    max_messages: int | None,
+    dry_run: bool,
+    rate: float | None,
+) -> None:
+    """Re-produce DESTINATION's dead letters to their original topic (raw: back through the normaliser)."""
+    from worker.dlq import ReplayFilter, print_replay, replay
+
+    try:
+        filters = ReplayFilter(reason=reason, since=since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    report = replay(_settings(ctx), destination, filters, max_messages, dry_run, rate)
+    print_replay(report, dry_run, sys.stdout)
 
 
 @cli.command()

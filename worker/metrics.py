@@ -10,6 +10,9 @@ DEAD_LETTERED = Counter("segment_worker_dead_lettered_total", "Messages dead-let
 FILTERED = Counter("segment_worker_filtered_total", "Events deliberately not forwarded", ["reason"])
 ASSIGNED_PARTITIONS = Gauge("segment_worker_assigned_partitions", "Partitions assigned to this process")
 PAUSED_PARTITIONS = Gauge("segment_worker_paused_partitions", "Partitions paused for backpressure")
+CONSUMER_LAG = Gauge(
+    "segment_worker_consumer_lag", "Messages behind the partition's end (librdkafka statistics)", ["topic", "partition"]
+)
 REBALANCES = Counter("segment_worker_rebalances_total", "Rebalance callbacks", ["kind"])
 COMMITS = Counter("segment_worker_commits_total", "Synchronous commits (revoke, shutdown)", ["reason"])
 BATCH_SIZE = Histogram(

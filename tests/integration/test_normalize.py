@@ -224,7 +224,14 @@ def test_metrics_and_probes_are_served_and_counters_move(settings, tmp_path):
     from worker.kafka.broker import free_port
 
     port = free_port()
-    normaliser = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude", METRICS_PORT=str(port))
+    normaliser = start_role(
+        settings,
+        ["normalize"],
+        tmp_path,
+        DESTINATIONS="amplitude",
+        METRICS_PORT=str(port),
+        KAFKA_STATISTICS_INTERVAL_MS="300",
+    )
 
     def get(path: str) -> tuple[int, str]:
         try:
@@ -243,8 +250,9 @@ def test_metrics_and_probes_are_served_and_counters_move(settings, tmp_path):
         produce(settings, "raw", [_track(i) for i in range(50)] + [("bad", b"{not json")])
         read_count(settings, "dest.amplitude", 50)
         read_count(settings, "dlq.raw", 1)
-        time.sleep(0.5)
-        _status, text = get("/metrics")
+        deadline = time.monotonic() + 10  # lag comes with librdkafka's next statistics
+        while "segment_worker_consumer_lag{" not in (text := get("/metrics")[1]) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         assert normaliser.terminate() == 0
     raw, dest, dlq = settings.topic("raw"), settings.topic("dest.amplitude"), settings.topic("dlq.raw")
@@ -253,3 +261,5 @@ def test_metrics_and_probes_are_served_and_counters_move(settings, tmp_path):
     assert f'segment_worker_produced_total{{topic="{dlq}"}} 1.0' in text
     assert 'segment_worker_dead_lettered_total{destination="raw",kind="invalid"} 1.0' in text
     assert "segment_worker_assigned_partitions 4.0" in text
+    for partition in range(4):  # lag per partition, from librdkafka statistics
+        assert f'segment_worker_consumer_lag{{partition="{partition}",topic="{raw}"}}' in text

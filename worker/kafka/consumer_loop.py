@@ -12,10 +12,12 @@ commit synchronously so a new owner starts exactly where we stopped.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from worker import logs, metrics
@@ -31,6 +33,8 @@ CONSUMER_DEFAULTS = {
     "auto.offset.reset": "earliest",
     # Rebalances stall the whole group; keep the bound on one loop turn generous but finite.
     "max.poll.interval.ms": "300000",
+    # Per-partition lag for /metrics comes from librdkafka's statistics.
+    "statistics.interval.ms": "5000",
 }
 
 # Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
@@ -95,7 +99,7 @@ class ConsumerLoop:
         drain_timeout: float = 20.0,
         overrides: dict[str, str] | None = None,
     ) -> None:
-        self.config = consumer_config(properties, group_id, overrides)
+        self.config: dict[str, Any] = {**consumer_config(properties, group_id, overrides), "stats_cb": self._on_stats}
         self.topics = topics
         self.strategy = strategy
         self.batch_size = batch_size
@@ -213,6 +217,20 @@ class ConsumerLoop:
         self._consumer.resume([TopicPartition(t, p) for t, p in self.assignment])
         metrics.PAUSED_PARTITIONS.set(0)
 
+    # -- statistics -------------------------------------------------------------------------------
+
+    def _on_stats(self, text: str) -> None:
+        """Export consumer lag per assigned partition (called from consume(), on the loop's thread)."""
+        try:
+            stats = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return
+        for topic, topic_stats in stats.get("topics", {}).items():
+            for partition, partition_stats in topic_stats.get("partitions", {}).items():
+                lag = partition_stats.get("consumer_lag", -1)
+                if partition != "-1" and (topic, int(partition)) in self.assignment and lag >= 0:
+                    metrics.CONSUMER_LAG.labels(topic, partition).set(lag)
+
     # -- rebalance --------------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -244,6 +262,9 @@ class ConsumerLoop:
         self.tracker.forget(keys)
         self._carry = deque(kept for batch in self._carry if (kept := batch.without(gone)) is not None)
         self.assignment -= gone
+        for topic, partition in gone:
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(topic, str(partition))
         if not self._carry:
             self._paused = False
             metrics.PAUSED_PARTITIONS.set(0)
