@@ -17,12 +17,28 @@ def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]  # type: ignore[no-any-return]
 
 
-def _stop_on_signals(stop: Callable[[], None]) -> None:
-    def handler(signum: int, _frame: object) -> None:
-        stop()
+class _Shutdown:
+    """SIGTERM/SIGINT handling installed before a role starts up, so a signal that arrives while it is
+    still connecting is not lost (or fatal): whatever is registered later is stopped at once."""
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    requested = False
+    stoppers: list[Callable[[], None]] = []
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            cls.requested = True
+            for stop in cls.stoppers:
+                stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    _Shutdown.stoppers.append(stop)
+    if _Shutdown.requested:
+        stop()
 
 
 @click.group()
@@ -71,6 +87,7 @@ def normalize(ctx: click.Context) -> None:
     """Run the normaliser consumer group (segment.raw -> segment.dest.*)."""
     from worker.normalize.app import build
 
+    _Shutdown.install()
     settings = _settings(ctx)
     health.serve(settings.metrics_port)
     loop, reader = build(settings)
@@ -89,6 +106,7 @@ def sink(ctx: click.Context, destination: str) -> None:
     """Run DESTINATION's sink consumer group (segment.dest.DESTINATION -> its API)."""
     from worker.sink.app import build
 
+    _Shutdown.install()
     settings = _settings(ctx)
     health.serve(settings.metrics_port)
     loop = build(settings, destination)

@@ -168,3 +168,38 @@ def test_a_destination_that_stays_down_exhausts_the_retry_budget_into_the_dlq(se
         assert headers["error_kind"] == "exhausted" and headers["attempts"] == "3"
         assert headers["http_status"] == "503" and "gave up after 3 attempts" in headers["error"]
     assert standins.received("amberflo") == {}
+
+
+def test_sigterm_mid_stream_then_restart_loses_nothing(settings, standins, tmp_path):
+    events = track_events(3000)
+    standins.faults("amplitude", error_rate=0.5, seed=11)
+    write_events(settings, "amplitude", events)
+    first = start_sink(settings, "amplitude", standins, tmp_path)
+    standins.wait_received("amplitude", 100)
+    assert first.terminate() == 0  # drains what it can within its grace, commits, leaves the group
+    assert len(standins.received("amplitude")) < len(events), "finished before the stop; nothing tested"
+    second = start_sink(settings, "amplitude", standins, tmp_path)
+    try:
+        received = standins.wait_received("amplitude", len(events), timeout=90)
+    finally:
+        assert second.terminate() == 0
+    assert set(received) == message_ids(events)
+
+
+def test_a_second_sink_joins_mid_stream_and_nothing_is_lost(settings, standins, tmp_path):
+    events = track_events(3000, users=60)
+    standins.faults("reteno", error_rate=0.2, seed=5)
+    write_events(settings, "reteno", events)
+    first = start_sink(settings, "reteno", standins, tmp_path)
+    second = None
+    try:
+        standins.wait_received("reteno", 200)
+        second = start_sink(settings, "reteno", standins, tmp_path)
+        received = standins.wait_received("reteno", len(events), timeout=120)
+    finally:
+        assert first.terminate() == 0
+        if second is not None:
+            assert second.terminate() == 0
+    assert set(received) == message_ids(events)
+    assert "partitions revoked" in first.log_path.read_text()
+    assert "partitions assigned" in second.log_path.read_text()
