@@ -9,6 +9,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from pydantic import SecretStr
 
 _SECRET_WORDS = ("key", "secret", "password", "token", "authorization", "sasl")
 
@@ -18,6 +19,25 @@ def redact(_logger: object, _method: str, event_dict: MutableMapping[str, Any]) 
         if name != "event" and any(word in name.lower() for word in _SECRET_WORDS):
             event_dict[name] = "***"
     return event_dict
+
+
+def secret_values(settings: object) -> list[str]:
+    """The values of a pydantic settings object's SecretStr fields (to scrub from text we did not write)."""
+    values = []
+    for name in getattr(type(settings), "model_fields", {}):
+        value = getattr(settings, name, None)
+        if isinstance(value, SecretStr) and value.get_secret_value():
+            values.append(value.get_secret_value())
+    return values
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """APIs echo credentials in error bodies ("Invalid API key: ..."); those bodies become dead-letter
+    reasons and log lines, so the secret is masked first."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def configure(level: str = "INFO") -> None:

@@ -203,3 +203,22 @@ def test_a_second_sink_joins_mid_stream_and_nothing_is_lost(settings, standins, 
     assert set(received) == message_ids(events)
     assert "partitions revoked" in first.log_path.read_text()
     assert "partitions assigned" in second.log_path.read_text()
+
+
+def test_a_wrong_api_key_is_retried_then_dead_lettered_and_never_written_out(settings, standins, tmp_path):
+    events = track_events(5)
+    wrong_key = "wrong-key-0123456789abcdef"
+    write_events(settings, "amplitude", events)
+    sink = start_sink(settings, "amplitude", standins, tmp_path, AMPLITUDE_API_KEY=wrong_key, SINK_MAX_ATTEMPTS="2")
+    try:
+        dead = {}
+        deadline = time.monotonic() + 30
+        while len(dead) < len(events) and time.monotonic() < deadline:
+            dead = dead_letter_ids(settings, "amplitude", timeout=1)
+    finally:
+        assert sink.terminate() == 0
+    assert set(dead) == message_ids(events)
+    for headers in dead.values():
+        assert headers["error_kind"] == "exhausted" and "Invalid API key" in headers["error"]
+        assert wrong_key not in headers["error"] and "***" in headers["error"]
+    assert wrong_key not in sink.log_path.read_text()

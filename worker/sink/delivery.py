@@ -66,6 +66,7 @@ class DeliveryEngine:
         self.settings = settings
         self.report = report
         self.name = destination.name
+        self._secrets = logs.secret_values(getattr(destination, "config", None))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"delivery-{self.name}", daemon=True)
         self._ready: dict[str, deque[Pending]] = {name: deque() for name in destination.endpoints}
@@ -261,13 +262,13 @@ class DeliveryEngine:
     def _retry(self, pending: Pending, result: ItemResult, http_status: int | None) -> None:
         now = time.monotonic()
         pending.attempts += 1
-        pending.reason = result.reason
+        pending.reason = logs.scrub(result.reason, self._secrets)
         pending.http_status = http_status
         if pending.first_failure is None:
             pending.first_failure = now
         s = self.settings
         if pending.attempts >= s.max_attempts or now - pending.first_failure >= s.max_retry_seconds:
-            reason = f"gave up after {pending.attempts} attempts: {result.reason}"
+            reason = f"gave up after {pending.attempts} attempts: {pending.reason}"
             self._dead(pending, Kind.EXHAUSTED, reason, http_status)
             return
         self._retried.inc()
@@ -293,6 +294,7 @@ class DeliveryEngine:
             self._held[user] = (max(until, held[0]), [*held[1], pending])
 
     def _dead(self, pending: Pending, kind: Kind, reason: str, http_status: int | None) -> None:
+        reason = logs.scrub(reason, self._secrets)
         pending.reason = reason
         pending.http_status = http_status
         self.report(pending, kind, reason)
