@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sink_throughput import PREFIX, StandinServer, normalised_events, start_sink
 
+from worker.avro_codec import EventCodec
 from worker.config import Settings
 from worker.kafka.broker import EmbeddedBroker, free_port
 from worker.kafka.producer import Producer
@@ -103,7 +104,8 @@ class SteadyProducer(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
-        self.join(90)
+        if self.ident is not None:  # started
+            self.join(90)
 
 
 # -- what the sink looks like from outside -------------------------------------------------------
@@ -209,13 +211,18 @@ def caught_up(producer: SteadyProducer) -> Any:
     return check
 
 
-def dead_letters(settings: Settings, timeout: float = 10.0) -> Counter[str]:
-    """error_kind of every message on the DLQ (read until quiet)."""
+def dead_letters(settings: Settings, timeout: float = 30.0) -> dict[str, str]:
+    """messageId -> error_kind of every message on the DLQ (read until quiet)."""
     topic = settings.topic(f"dlq.{DESTINATION}")
     consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "bench-dlq-reader", "enable.auto.commit": "false"}
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": "bench-dlq-reader",
+            "enable.auto.commit": "false",
+        }
     )
-    kinds: Counter[str] = Counter()
+    codec = EventCodec()
+    found: dict[str, str] = {}
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -225,25 +232,48 @@ def dead_letters(settings: Settings, timeout: float = 10.0) -> Counter[str]:
             for message in consumer.consume(1000, 0.5):
                 if message.error() is None:
                     headers = dict(message.headers() or [])
-                    kinds[(headers.get("error_kind") or b"?").decode()] += 1
+                    event, _extra = codec.decode(message.value())
+                    found[event["messageId"]] = (headers.get("error_kind") or b"?").decode()
                     quiet_until = time.monotonic() + 3
     finally:
         consumer.close()
-    return kinds
+    return found
 
 
-def verify(watch: Watch, settings: Settings, timeout: float) -> tuple[int, int, Counter[str]]:
-    """Wait for the last events, then compare what arrived (by insert_id = messageId) with what was written."""
-    produced = list(watch.producer.acked)
+@dataclass
+class Outcome:
+    produced: int
+    delivered: int
+    dead_lettered: Counter[str]  # error_kind -> how many of the undelivered events are on the DLQ
+    lost: list[str]  # messageIds neither delivered nor dead-lettered
+    all_in: float | None  # seconds from the destination's return until every event was delivered or dead-lettered
+
+
+def settle(watch: Watch, back: float, timeout: float) -> float | None:
+    """Wait (input stopped) until every acknowledged event is delivered or dead-lettered."""
+    produced = len(watch.producer.acked)
     deadline = time.monotonic() + timeout
-    while watch.standins.stats(DESTINATION)["received"] < len(produced) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        sample = watch.sample()
+        if sample.received + sample.dead_lettered >= produced:
+            return time.monotonic() - back
         time.sleep(0.5)
+    return None
+
+
+def verify(watch: Watch, settings: Settings, back: float, timeout: float) -> Outcome:
+    """Compare what arrived (by insert_id = messageId) with everything the producer had acknowledged."""
+    all_in = settle(watch, back, timeout)
+    produced = set(watch.producer.acked)
     received = watch.standins.call("GET", f"/_standin/{DESTINATION}/received", timeout=120)
-    delivered = len(set(produced) & received.keys())
-    return delivered, len(produced), dead_letters(settings)
+    missing = produced - received.keys()
+    on_dlq = dead_letters(settings) if missing else {}
+    kinds = Counter(on_dlq[m] for m in missing if m in on_dlq)
+    lost = sorted(m for m in missing if m not in on_dlq)
+    return Outcome(len(produced), len(produced) - len(missing), kinds, lost, all_in)
 
 
-def summarise(watch: Watch, outage: float, recovery: float | None, result: tuple[int, int, Counter[str]]) -> None:
+def summarise(watch: Watch, outage: float, recovery: float | None, outcome: Outcome) -> None:
     during = [s for s in watch.samples if 0 <= s.at <= outage]
     after = [s for s in watch.samples if s.at > outage]
     start, end = during[0], during[-1]
@@ -254,7 +284,7 @@ def summarise(watch: Watch, outage: float, recovery: float | None, result: tuple
     print(f"RSS at end of outage:   {end.rss:.1f} MB")
     print(f"ratio max/start: {peak.rss / start.rss:.2f}")
     if after:
-        print(f"RSS max during recovery: {max(s.rss for s in after):.1f} MB")
+        print(f"RSS max during recovery: {max(s.rss for s in after):.1f} MB, at the end {after[-1].rss:.1f} MB")
     if paused:
         print(
             f"input paused: yes, from t={paused[0].at:.0f}s ({max(s.paused for s in paused):.0f} partitions), "
@@ -262,14 +292,19 @@ def summarise(watch: Watch, outage: float, recovery: float | None, result: tuple
         )
     else:
         print(f"input paused: no (at most {max(s.outstanding for s in during):,.0f} items outstanding)")
+    print(f"backlog when the stand-in came back: {end.produced - end.received:,} events")
     if recovery is None:
         print("recovery: did not catch up with the live input in time")
     else:
         print(f"recovery: caught up with the live input {recovery:.0f}s after the stand-in came back")
-    delivered, produced, kinds = result
-    print(f"delivered {delivered}/{produced}" + ("" if delivered == produced else " (NOT ALL)"))
-    if kinds:
-        print("dead-lettered: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
+    if outcome.all_in is not None:
+        print(f"every event delivered or dead-lettered {outcome.all_in:.0f}s after the stand-in came back")
+    verdict = "" if outcome.delivered == outcome.produced else " (NOT ALL)"
+    print(f"delivered {outcome.delivered}/{outcome.produced}{verdict}")
+    if outcome.dead_lettered:
+        print("dead-lettered: " + ", ".join(f"{n} {kind}" for kind, n in sorted(outcome.dead_lettered.items())))
+    if outcome.lost:
+        print(f"LOST (neither delivered nor dead-lettered): {len(outcome.lost)}, e.g. {outcome.lost[:5]}")
 
 
 def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None:
@@ -284,14 +319,20 @@ def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None
     producer = SteadyProducer(
         broker.bootstrap_servers, settings.topic(f"dest.{DESTINATION}"), args.rate, args.users, limit
     )
-    standins = StandinServer(log_dir)
     metrics_port = free_port()
     extra = {"METRICS_PORT": str(metrics_port)}
     if args.amplitude_eps:
         extra["AMPLITUDE_EVENTS_PER_SECOND"] = str(args.amplitude_eps)
-    sink = start_sink(broker.bootstrap_servers, DESTINATION, standins, log_dir, **extra)
-    watch = Watch(sink, metrics_port, standins, producer)
+    for item in args.sink_env:
+        name, _, value = item.partition("=")
+        extra[name] = value
+    started: list[Role] = []  # stopped by PID in the finally, whatever happened
     try:
+        standins = StandinServer(log_dir)
+        started.append(standins.role)
+        sink = start_sink(broker.bootstrap_servers, DESTINATION, standins, log_dir, **extra)
+        started.append(sink)
+        watch = Watch(sink, metrics_port, standins, producer)
         producer.start()
         warm_up(watch, args.warmup_seconds)
         print(f"outage: the {DESTINATION} stand-in answers 503 for {args.outage_seconds:.0f}s", flush=True)
@@ -300,15 +341,17 @@ def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None
         every_second(watch, args.outage_seconds)
         standins.faults(DESTINATION)  # {} resets: the destination is back
         print("the stand-in is back", flush=True)
-        back = watch.sample()
+        back = time.monotonic()
+        watch.sample()
         done = every_second(watch, args.recovery_timeout, until=caught_up(producer))
-        recovery = None if done is None else done.at - back.at
-        producer.stop()
-        summarise(watch, args.outage_seconds, recovery, verify(watch, settings, args.recovery_timeout))
+        recovery = None if done is None else done.at - (back - watch.outage_started)
+        producer.stop()  # what is left is the stragglers: items still waiting out a backoff
+        outcome = verify(watch, settings, back, args.settle_timeout)
+        summarise(watch, args.outage_seconds, recovery, outcome)
     finally:
         producer.stop()
-        sink.terminate()
-        standins.role.terminate()
+        for role in reversed(started):
+            role.terminate()
 
 
 def main() -> None:
@@ -317,6 +360,12 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=500, help="input events/s, for the whole run")
     parser.add_argument("--warmup-seconds", type=float, default=10)
     parser.add_argument("--recovery-timeout", type=float, default=600)
+    parser.add_argument(
+        "--settle-timeout", type=float, default=180, help="seconds to wait for stragglers after the input stops"
+    )
+    parser.add_argument(
+        "--sink-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the sink"
+    )
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--amplitude-eps", type=float, help="AMPLITUDE_EVENTS_PER_SECOND (default: the sink's)")

@@ -100,6 +100,17 @@ def normalize(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to accept from other machines")
+@click.option("--port", default=8088, show_default=True)
+@click.pass_context
+def collect(ctx: click.Context, host: str, port: int) -> None:
+    """Segment-compatible HTTP API (any Segment SDK) into segment.raw; /healthz, /readyz, /metrics on PORT."""
+    from worker.collector.server import serve_forever
+
+    serve_forever(_settings(ctx), host, port)
+
+
+@cli.command()
 @click.argument("destination", type=click.Choice(["amplitude", "amberflo", "reteno", "brevo"]))
 @click.pass_context
 def sink(ctx: click.Context, destination: str) -> None:

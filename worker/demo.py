@@ -1,8 +1,9 @@
 """`segment-worker demo`: the whole pipeline on one machine with the embedded broker.
 
-Starts the broker, creates the topics, starts the stand-in destinations, the normaliser and the
-four sinks as child processes; writes sample traffic (several users, every event type, web and
-mobile user agents, batch envelopes, poison input) to segment.raw; waits until every sink has
+Starts the broker, creates the topics, starts the stand-in destinations, the collector, the
+normaliser and the four sinks as child processes; sends sample traffic (several users, every
+event type, web and mobile user agents, batch envelopes) through the collector's Segment HTTP API
+and poison input straight to segment.raw; waits until every sink has
 committed everything on its topic; prints what each destination received, what was filtered and
 what was dead-lettered, with reasons; stops everything it started. Exits non-zero if anything
 went missing.
@@ -10,8 +11,11 @@ went missing.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -36,7 +40,9 @@ DEADLINE_SECONDS = 90
 
 
 def _say(text: str = "") -> None:
-    print(text, flush=True)
+    # A closed stdout (`make demo | head`) must not skip the clean-up that follows the output.
+    with contextlib.suppress(BrokenPipeError):
+        print(text, flush=True)
 
 
 def produce_all(properties: dict[str, str], topic: str, payloads: list[tuple[str, bytes]]) -> None:
@@ -46,6 +52,33 @@ def produce_all(properties: dict[str, str], topic: str, payloads: list[tuple[str
         producer.produce(topic, value, key, lambda err, _m: failures.append(str(err)) if err else None)
     if producer.flush(30) or failures:
         raise RuntimeError(f"could not write sample traffic: {failures[:3]}")
+
+
+WRITE_KEY = "demo-write-key"
+
+
+def _post(url: str, body: bytes) -> tuple[int, bytes]:
+    auth = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()  # Segment's Basic auth: key as user
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def send_through_collector(base: str, payloads: list[tuple[str, bytes]]) -> None:
+    """Single events to /v1/<type>, batch envelopes to /v1/batch; each answered only once Kafka has them."""
+    for _key, body in payloads:
+        document = orjson.loads(body)
+        path = "/v1/batch" if "batch" in document else f"/v1/{document['type']}"
+        status, answer = _post(base + path, body)
+        if status != 200:
+            raise RuntimeError(f"collector answered {status} to {path}: {answer[:200]!r}")
+    status, answer = _post(base + "/v1/track", b'{"type": "track", "userId": ')
+    _say(f"      a malformed request is refused before anything is written: {status} {answer.decode()}")
 
 
 def read_topics(properties: dict[str, str], topics: list[str], quiet: float = 1.0) -> dict[str, list[Message]]:
@@ -144,21 +177,29 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         _say(f"[3/6] starting the stand-in destinations on {base}")
         stack.start("standins", ["standins", "--port", str(standins_port)], env)
         wait_for_port("127.0.0.1", standins_port, 15)
-        _say(f"[4/6] starting the normaliser and the sinks for {', '.join(settings.destinations)}")
+        collector_port = free_port()
+        _say(f"[4/6] starting the collector on http://127.0.0.1:{collector_port}, the normaliser and the sinks")
+        stack.start("collect", ["collect", "--port", str(collector_port)], {**env, "COLLECTOR_WRITE_KEYS": WRITE_KEY})
         stack.start("normalize", ["normalize"], env)
         for destination in settings.destinations:
             stack.start(f"sink-{destination}", ["sink", destination], env)
+        wait_for_port("127.0.0.1", collector_port, 30)
         payloads, good, poison = sample_payloads()
-        _say(f"[5/6] writing {len(payloads)} raw messages ({good} events, {len(poison)} poison) to segment.raw")
-        produce_all(props, settings.topic("raw"), payloads)
+        good_payloads = payloads[: len(payloads) - len(poison)]
+        _say(f"[5/6] sending {good} events in {len(good_payloads)} requests through the collector (Segment HTTP API)")
+        send_through_collector(f"http://127.0.0.1:{collector_port}", good_payloads)
+        _say(f"      and {len(poison)} poison messages straight to {settings.topic('raw')}, as a Kafka producer would")
+        produce_all(props, settings.topic("raw"), [("poison", p) for p in poison])
         _say("[6/6] waiting until every sink has committed everything on its topic")
         ok = _wait_and_report(settings, props, stack, base, good, len(poison))
         if keep_running:
             _say(
-                f"\nthe stack is up. Send more with\n  KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} "
-                f"segment-worker tail dest.amplitude --from-beginning\n  make kcat-env; LD_LIBRARY_PATH=.venv/kcat-lib "
-                f"kcat -b {broker.bootstrap_servers} -t segment.raw -P\nstand-ins: {base}/_standin/amplitude/received"
-                "\nCtrl-C to stop"
+                "\nthe stack is up. Send more events with any Segment SDK or curl:\n"
+                f"  curl -u {WRITE_KEY}: http://127.0.0.1:{collector_port}/v1/track "
+                """-H 'Content-Type: application/json' -d '{"userId": "u1", "event": "Tried It"}'\n"""
+                f"read them back:\n  KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} "
+                "segment-worker tail dest.amplitude --from-beginning\n"
+                f"what the destinations got: {base}/_standin/amplitude/received\nCtrl-C to stop"
             )
             try:
                 while True:

@@ -7,14 +7,14 @@ is what the (stand-in) API accepts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
+from tests.standin_helpers import serve_standin
 from worker.destinations.amplitude import AmplitudeConfig, make
 from worker.destinations.base import Item, Verdict
 from worker.standins import amplitude as amplitude_standin
@@ -24,19 +24,8 @@ API_KEY = "amp-test-key"
 URL_PATH = "/2/httpapi"
 
 
-@asynccontextmanager
-async def serving(state: StandinState) -> AsyncIterator[str]:
-    app = web.Application(client_max_size=20 * 1024 * 1024)  # as make_app does: our 413 must answer
-    amplitude_standin.register(app, state, API_KEY)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+def serving(state: StandinState) -> AbstractAsyncContextManager[str]:
+    return serve_standin(amplitude_standin.register, state, API_KEY)
 
 
 def run(scenario: Callable[[str, aiohttp.ClientSession, StandinState], Awaitable[None]], **faults: Any) -> StandinState:

@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
+from tests.standin_helpers import serve_standin
 from worker.destinations.base import Verdict
 from worker.destinations.brevo import BrevoConfig, make
 from worker.standins import brevo
@@ -32,18 +32,8 @@ CONTACT = {"email": "jane@example.com", "ext_id": "user-1", "attributes": {"FIRS
 
 @asynccontextmanager
 async def standin(state: StandinState) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    app = web.Application()
-    brevo.register(app, state, API_KEY)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield session, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_standin(brevo.register, state, API_KEY) as base, aiohttp.ClientSession() as session:
+        yield session, base
 
 
 Scenario = Callable[[aiohttp.ClientSession, str], Awaitable[Any]]

@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
+from tests.standin_helpers import serve_standin
 from worker.destinations.base import Verdict
 from worker.destinations.reteno import RetenoConfig, make
 from worker.standins import reteno
@@ -30,18 +30,8 @@ CONTACT = {"channels": [{"type": "email", "value": "a@example.com"}], "externalC
 
 @asynccontextmanager
 async def standin(state: StandinState) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    app = web.Application()
-    reteno.register(app, state, API_KEY)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield session, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_standin(reteno.register, state, API_KEY) as base, aiohttp.ClientSession() as session:
+        yield session, base
 
 
 Scenario = Callable[[aiohttp.ClientSession, str], Awaitable[Any]]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+import orjson
+
 from worker.segment.event import SegmentEvent
 
 
@@ -109,6 +111,14 @@ class Destination(Protocol):
     def classify(
         self, endpoint: Endpoint, items: Sequence[Item], status: int, body: bytes, headers: Mapping[str, str]
     ) -> Outcome: ...
+
+
+def one_item_request(destination: str, endpoint: Endpoint, items: Sequence[Item], auth: Mapping[str, str]) -> Request:
+    """The request for an endpoint that takes one JSON object a call (Reteno, Brevo)."""
+    if len(items) != 1:
+        raise ValueError(f"{destination} {endpoint.name} takes one item per request, got {len(items)}")
+    headers = {"Content-Type": "application/json", "Accept": "application/json", **auth}
+    return Request(endpoint.method, endpoint.base, endpoint.path, headers, orjson.dumps(items[0].payload))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -50,6 +50,7 @@ from worker.destinations.base import (
     Skip,
     Verdict,
     classify_status,
+    one_item_request,
 )
 from worker.segment.event import SegmentEvent
 
@@ -134,12 +135,8 @@ class Brevo:
         raise Skip(f"brevo has no {kind} call")
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
-        if len(items) != 1:
-            raise ValueError(f"brevo {endpoint.name} takes one item per request, got {len(items)}")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.config.api_key is not None:
-            headers[API_KEY_HEADER] = self.config.api_key.get_secret_value()
-        return Request(endpoint.method, endpoint.base, endpoint.path, headers, orjson.dumps(items[0].payload))
+        key = self.config.api_key
+        return one_item_request(self.name, endpoint, items, {API_KEY_HEADER: key.get_secret_value()} if key else {})
 
     def classify(
         self, endpoint: Endpoint, items: Sequence[Item], status: int, body: bytes, headers: Mapping[str, str]

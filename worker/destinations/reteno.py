@@ -49,6 +49,7 @@ from worker.destinations.base import (
     Skip,
     Verdict,
     classify_status,
+    one_item_request,
 )
 from worker.segment.event import SegmentEvent
 
@@ -103,12 +104,8 @@ class Reteno:
         raise Skip(f"reteno has no {kind} call")
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
-        if len(items) != 1:
-            raise ValueError(f"reteno {endpoint.name} takes one item per request, got {len(items)}")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.config.access_key is not None:
-            headers[ACCESS_KEY_HEADER] = self.config.access_key.get_secret_value()
-        return Request(endpoint.method, endpoint.base, endpoint.path, headers, orjson.dumps(items[0].payload))
+        key = self.config.access_key
+        return one_item_request(self.name, endpoint, items, {ACCESS_KEY_HEADER: key.get_secret_value()} if key else {})
 
     def classify(
         self, endpoint: Endpoint, items: Sequence[Item], status: int, body: bytes, headers: Mapping[str, str]

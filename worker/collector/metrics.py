@@ -1,0 +1,18 @@
+"""The collector's Prometheus counters (the shared ones live in worker.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+REQUESTS = Counter(
+    "segment_worker_collector_requests_total",
+    "Collector requests answered, by endpoint and status",
+    ["endpoint", "status"],
+)
+EVENTS = Counter(
+    "segment_worker_collector_events_total", "Events written to the raw topic and acknowledged", ["endpoint"]
+)
+WRITE_FAILURES = Counter(
+    "segment_worker_collector_write_failures_total", "Requests answered 503 because Kafka did not acknowledge"
+)
+IN_FLIGHT = Gauge("segment_worker_collector_in_flight_requests", "Requests waiting for Kafka's acknowledgement")

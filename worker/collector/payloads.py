@@ -1,0 +1,157 @@
+"""From a request's JSON to the one message written to `segment.raw`: shape checks, the server's
+stamps (`receivedAt`, `context.ip`), Segment's size limits, and the message key.
+
+Everything is checked before anything is written, and the limits are checked on the stamped
+bytes with the normaliser's own parser (`worker.segment.envelope.parse`), so a request answered
+200 is never dead-lettered later for its size or shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from worker.collector.auth import BODY_FIELD
+from worker.collector.responses import exceeds_payload_limit, invalid_json, malformed
+from worker.segment.envelope import MAX_BATCH_BYTES, MAX_EVENT_BYTES, InvalidPayload, parse
+from worker.segment.timestamps import format_iso
+
+EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
+
+
+class Shape(Enum):
+    EVENT = "event"  # /v1/track ... : one event, `type` from the path
+    BATCH = "batch"  # /v1/batch, /v1/import: `{"batch": [...]}`
+    EITHER = "either"  # Jitsu's /api/v1/segment: one event (its own `type`) or a batch envelope
+
+    @property
+    def payload_limit(self) -> int:
+        """The largest payload Segment accepts on such an endpoint (bytes after decompression)."""
+        return MAX_EVENT_BYTES if self is Shape.EVENT else MAX_BATCH_BYTES
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    value: bytes
+    key: str | None
+    events: int
+
+
+def received_at_now() -> str:
+    """Server time, ISO-8601 UTC with milliseconds and `Z`: what Segment puts in `receivedAt`."""
+    return format_iso(datetime.now(UTC))
+
+
+def decode_document(payload: bytes) -> dict[str, Any]:
+    if not payload.strip():
+        raise invalid_json("empty body; expected a JSON object")
+    try:
+        document = orjson.loads(payload)  # also rejects invalid UTF-8 and nesting deeper than 1024
+    except orjson.JSONDecodeError as exc:
+        raise invalid_json(str(exc)) from None
+    if not isinstance(document, dict):
+        raise malformed(f"body must be a JSON object, got {_json_type(document)}")
+    return document
+
+
+def build_message(
+    document: dict[str, Any], shape: Shape, event_type: str | None, received_at: str, ip: str | None
+) -> RawMessage | None:
+    """The message to write, or None for an empty batch (nothing to store, nothing to refuse).
+    Stamps `document` in place."""
+    if shape is Shape.BATCH or (shape is Shape.EITHER and "batch" in document):
+        return _batch_message(document, received_at, ip)
+    return _event_message(document, event_type, received_at, ip)
+
+
+def _event_message(event: dict[str, Any], event_type: str | None, received_at: str, ip: str | None) -> RawMessage:
+    if "batch" in event:
+        # The normaliser would take it for a batch envelope; on a typed endpoint that is a client bug.
+        raise malformed("a `batch` array belongs on /v1/batch, not on a single-event endpoint")
+    if event_type is not None:
+        event["type"] = event_type  # Segment: the endpoint decides the type
+    stamp(event, received_at, ip)
+    value = orjson.dumps(event)
+    if len(value) > MAX_EVENT_BYTES:
+        raise exceeds_payload_limit(
+            f"event is {len(value)} bytes with receivedAt and context.ip; the limit is {MAX_EVENT_BYTES} bytes"
+        )
+    return RawMessage(value, key_of(event), 1)
+
+
+def _batch_message(document: dict[str, Any], received_at: str, ip: str | None) -> RawMessage | None:
+    batch = document.get("batch")
+    if not isinstance(batch, list):
+        raise malformed(f"`batch` must be an array of events, got {_json_type(batch)}")
+    for index, item in enumerate(batch):
+        if not isinstance(item, dict):
+            raise malformed(f"batch[{index}] must be an object, got {_json_type(item)}")
+    document.pop(BODY_FIELD, None)
+    if not batch:
+        return None
+    # An IP in the batch's own context reaches every event when the normaliser merges it under
+    # theirs; stamping the socket's IP on the events would override it.
+    shared_context = document.get("context")
+    batch_has_ip = isinstance(shared_context, dict) and shared_context.get("ip") is not None
+    for item in batch:
+        stamp(item, received_at, None if batch_has_ip else ip)
+    value = orjson.dumps(document)
+    _check_batch_like_the_normaliser(value)
+    return RawMessage(value, key_of(batch[0]), len(batch))
+
+
+def _check_batch_like_the_normaliser(value: bytes) -> None:
+    if len(value) > MAX_BATCH_BYTES:
+        raise exceeds_payload_limit(
+            f"batch is {len(value)} bytes with receivedAt and context.ip; the limit is {MAX_BATCH_BYTES} bytes"
+        )
+    try:
+        envelope = parse(value)
+    except InvalidPayload as exc:  # e.g. a batch `context` that is not an object
+        raise malformed(str(exc)) from None
+    if envelope.rejected:  # items are objects (checked above), so these are events over 32 KB
+        first = envelope.rejected[0]
+        raise exceeds_payload_limit(f"batch[{first.index}]: {first.reason}")
+
+
+def stamp(event: dict[str, Any], received_at: str, ip: str | None) -> None:
+    """What the server adds to every event: its own clock, and the client's IP unless the event has one."""
+    event.pop(BODY_FIELD, None)  # the write key is a credential, not event data
+    # Always replaced: receivedAt is the server's clock by definition, and clock-skew correction
+    # (timestamp = receivedAt - (sentAt - originalTimestamp)) must not trust a client's value.
+    event["receivedAt"] = received_at
+    if ip is None:
+        return
+    context = event.get("context")
+    if context is None:
+        event["context"] = {"ip": ip}
+    elif isinstance(context, dict) and context.get("ip") is None:
+        context["ip"] = ip
+    # any other `context` is left for the normaliser to dead-letter with a reason
+
+
+def key_of(event: dict[str, Any]) -> str | None:
+    """userId, else anonymousId: one person's events stay on one partition (DESIGN.md)."""
+    for field in ("userId", "anonymousId"):
+        value = event.get(field)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    return None
+
+
+def _json_type(value: object) -> str:
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        type(None): "null",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,50 @@
+"""Collector knobs (`COLLECTOR_*`). The accepted write keys are the shared `Settings.collector_write_keys`
+(COLLECTOR_WRITE_KEYS), so every role reads them from one place."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Loopback only: behind a proxy, operators name its addresses; nobody else may claim a client IP.
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+
+
+class CollectorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COLLECTOR_", extra="ignore", case_sensitive=False)
+
+    # Peers whose X-Forwarded-For / X-Real-IP headers are believed (CIDRs, comma-separated).
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_PROXIES))
+    # Bytes on the wire (compressed or not) a request may carry before it is refused unread with 413.
+    # Larger than Segment's 500 KB batch limit, so a plain body just over that limit still gets
+    # Segment's own 400 answer; the decompressed payload is bounded by Segment's limits regardless.
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    # How long a request waits for the broker's acknowledgement before it is answered 503.
+    ack_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Requests waiting for an acknowledgement at once; more are answered 503 (bounds memory while
+    # the broker is slow: at most this many payloads of <= 500 KB are queued in librdkafka).
+    max_in_flight: int = Field(default=1000, gt=0)
+    # On SIGTERM: how long in-flight requests may take to finish, then how long the producer may flush.
+    shutdown_timeout_seconds: float = Field(default=20.0, gt=0)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_cidrs(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for cidr in value:
+                ipaddress.ip_network(cidr, strict=False)  # raises ValueError: a typo must not start
+        return value
+
+
+def load_collector_settings(config_file: str | None = None) -> CollectorSettings:
+    """Environment first, then the same dotenv file the shared Settings read (`SEGMENT_WORKER_CONFIG`)."""
+    path = config_file or os.environ.get("SEGMENT_WORKER_CONFIG")
+    if path:
+        return CollectorSettings(_env_file=path)  # type: ignore[call-arg]
+    return CollectorSettings()
