@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -38,8 +38,16 @@ def dlq_topic(settings: Settings, destination: str) -> str:
     return settings.topic(f"dlq.{destination}")
 
 
-def _read_all(consumer: Consumer, idle: float, deadline: float) -> Iterator[Message]:
-    last = time.monotonic() + 1.0  # the first fetch takes a moment of its own
+def _read_all(
+    consumer: Consumer, idle: float, deadline: float, started: Callable[[], bool] = lambda: True
+) -> Iterator[Message]:
+    """Messages until the topic has been quiet for `idle` seconds, counted from when `started()` holds
+    (a consumer group member has nothing to read before its assignment) plus the first fetch's moment."""
+    while not started() and time.monotonic() < deadline:
+        for message in consumer.consume(100, 0.2):  # serves the group protocol; nothing is assigned yet
+            if message.error() is None:
+                yield message
+    last = time.monotonic() + 1.0
     while time.monotonic() < deadline and time.monotonic() - last < idle:
         for message in consumer.consume(500, 0.2):
             if message.error() is None:
@@ -192,9 +200,10 @@ def replay(
     report = ReplayReport()
     started = time.monotonic()
     try:
-        consumer.subscribe([topic])
+        assigned: list[TopicPartition] = []
+        consumer.subscribe([topic], on_assign=lambda _c, partitions: assigned.extend(partitions))
         pending: list[Message] = []
-        for message in _read_all(consumer, IDLE_SECONDS, started + timeout):
+        for message in _read_all(consumer, IDLE_SECONDS, started + timeout, lambda: bool(assigned)):
             headers = header_map(message.headers())
             if not filters.matches(headers):
                 report.skipped += 1

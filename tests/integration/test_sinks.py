@@ -187,14 +187,18 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(settings, standins, tmp_p
 
 
 def test_a_second_sink_joins_mid_stream_and_nothing_is_lost(settings, standins, tmp_path):
-    events = track_events(3000, users=60)
-    standins.faults("reteno", error_rate=0.2, seed=5)
+    events = track_events(6000, users=60)
+    standins.faults("reteno", error_rate=0.4, seed=5)
     write_events(settings, "reteno", events)
     first = start_sink(settings, "reteno", standins, tmp_path)
     second = None
     try:
         standins.wait_received("reteno", 200)
         second = start_sink(settings, "reteno", standins, tmp_path)
+        deadline = time.monotonic() + 30
+        while "partitions assigned" not in second.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(standins.received("reteno")) < len(events), "the first sink finished alone; nothing tested"
         received = standins.wait_received("reteno", len(events), timeout=120)
     finally:
         assert first.terminate() == 0

@@ -104,14 +104,28 @@ class EmbeddedBroker:
 def run_foreground(port: int, host: str = "127.0.0.1") -> int:
     """`segment-worker broker`: run until SIGTERM/SIGINT, forwarding the signal to the broker."""
     broker = EmbeddedBroker(port=port, host=host)
-    broker.start()
-    assert broker.process is not None
-    process = broker.process
+    stop_requested = False
 
     def forward(signum: int, _frame: object) -> None:
-        process.send_signal(signal.SIGTERM)
+        # Installed before the broker starts, so a signal during start-up is not fatal to us (and
+        # does not orphan the broker): it is passed on as soon as there is a process to pass it to.
+        nonlocal stop_requested
+        stop_requested = True
+        if broker.process is not None:
+            broker.process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    print(f"embedded broker (Tansu, memory storage) listening on {broker.bootstrap_servers}", flush=True)
-    return process.wait()
+    try:
+        broker.start()
+    except (RuntimeError, TimeoutError):
+        if stop_requested:  # told to stop while starting: the broker exiting is what was asked for
+            broker.stop()
+            return 0
+        raise
+    assert broker.process is not None
+    if stop_requested:
+        broker.process.send_signal(signal.SIGTERM)
+    else:
+        print(f"embedded broker (Tansu, memory storage) listening on {broker.bootstrap_servers}", flush=True)
+    return broker.process.wait()
