@@ -5,14 +5,16 @@ A producer writes steady input (500 events/s of realistic normalised track event
 `--outage-seconds`, then comes back. Meanwhile the sink process's RSS (VmRSS) is sampled every second,
 and its `/metrics` tell whether it paused its partitions (backpressure) and how many items it holds.
 
-Printed: RSS at the start of the outage, the most during it, at its end (MB) and max/start; whether
-input was paused; how long after the stand-in came back the sink had caught up with the live input;
-and "delivered X/Y", checked by messageId against everything the producer had acknowledged (with
-anything missing looked for on the DLQ).
+Printed: RSS at the start of the outage, the most during it, at its end (MB) and max/start, and the
+most during recovery; whether input was paused; how long after the stand-in came back the sink had
+caught up with the live input (everything produced 2 s earlier arrived, by count); how long until,
+with the input stopped, every event was delivered or dead-lettered (stragglers wait out their
+backoff); and "delivered X/Y", checked by messageId against everything the producer had
+acknowledged, with anything missing looked for on the DLQ (so a loss and a dead letter differ).
 
 Every SINK_* setting is the default, as is AMPLITUDE_EVENTS_PER_SECOND (1000/s, the project-wide
 upload rate the sink keeps under): catching up with a backlog is paced by it, as it would be in
-production. `--amplitude-eps` lifts it.
+production. `--amplitude-eps` lifts it; `--sink-env NAME=VALUE` adds to the sink's environment.
 
     .venv/bin/python bench/sink_outage_rss.py [--outage-seconds 120] [--rate 500]
 """
@@ -34,7 +36,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for sink_throughput, this script's neighbour
 
 from sink_throughput import PREFIX, StandinServer, normalised_events, start_sink
 

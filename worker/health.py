@@ -18,6 +18,7 @@ class Health:
         self.stall_after = stall_after
         self.ready = False
         self.ready_reason = "starting"
+        self.blocked: str | None = None  # e.g. "amplitude is failing": not ready even when assigned
         self._last_beat = time.monotonic()
 
     def beat(self) -> None:
@@ -26,6 +27,18 @@ class Health:
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.ready = ready
         self.ready_reason = reason
+
+    def set_blocked(self, reason: str | None) -> None:
+        """Mark the role unready for a reason of its own (a destination's circuit is open), or clear it."""
+        self.blocked = reason
+
+    def is_ready(self) -> bool:
+        return self.ready and self.blocked is None
+
+    def readiness(self) -> str:
+        if self.blocked is not None:
+            return f"not ready: {self.blocked}"
+        return f"{'ready' if self.ready else 'not ready'}: {self.ready_reason}"
 
     def alive(self) -> bool:
         return time.monotonic() - self._last_beat < self.stall_after
@@ -43,8 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
             ok = HEALTH.alive()
             self._send(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
         elif path == "/readyz":
-            body = f"{'ready' if HEALTH.ready else 'not ready'}: {HEALTH.ready_reason}\n".encode()
-            self._send(200 if HEALTH.ready else 503, body)
+            self._send(200 if HEALTH.is_ready() else 503, f"{HEALTH.readiness()}\n".encode())
         else:
             self._send(404, b"not found\n")
 

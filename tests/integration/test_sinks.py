@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -10,6 +12,7 @@ from tests.kafka_helpers import read, settings_for, settle, setup_topics
 from tests.sink_helpers import DESTINATIONS, Standins, start_sink, track_events, write_events
 from worker.avro_codec import EventCodec
 from worker.dead_letters import header_map
+from worker.kafka.broker import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +35,16 @@ def settings(broker, prefix):
 def reset(standins):
     for destination in DESTINATIONS:
         standins._call("POST", f"/_standin/{destination}/reset", {})
+
+
+def probe(port: int, path: str) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.read().decode()
+    except OSError:
+        return ""
 
 
 def message_ids(events) -> set[str]:
@@ -155,8 +168,15 @@ def test_a_destination_that_stays_down_exhausts_the_retry_budget_into_the_dlq(se
     events = track_events(20)
     standins.faults("amberflo", down=True)
     write_events(settings, "amberflo", events)
-    sink = start_sink(settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="3")
+    port = free_port()
+    sink = start_sink(settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="3", METRICS_PORT=str(port))
     try:
+        deadline = time.monotonic() + 20
+        readiness = ""
+        while "circuit" not in readiness and "failing" not in readiness and time.monotonic() < deadline:
+            readiness = probe(port, "/readyz")
+            time.sleep(0.1)
+        assert "not ready: amberflo failing" in readiness  # /readyz says the destination is down
         dead = {}
         deadline = time.monotonic() + 30
         while len(dead) < len(events) and time.monotonic() < deadline:

@@ -32,6 +32,10 @@ from worker.sink.settings import SinkSettings
 
 log = logs.get(__name__)
 
+# After this many requests in a row end in 5xx, timeouts or connection errors, /readyz says the
+# destination's circuit is open (the sink keeps retrying and pauses intake; it is not restarted).
+CIRCUIT_OPEN_AFTER = 5
+
 
 class _BatchState:
     __slots__ = ("batch", "remaining")
@@ -135,6 +139,10 @@ class SinkStrategy:
             if owner.remaining == 0:
                 self._finish(owner)
         metrics.OUTSTANDING.set(self.outstanding)
+        failing = self.engine.consecutive_failures >= CIRCUIT_OPEN_AFTER
+        HEALTH.set_blocked(
+            f"{self.name} failing: {self.engine.consecutive_failures} requests in a row" if failing else None
+        )
 
     def _finish(self, owner: _MessageState) -> None:
         """All of a message's items are done: dead-letter it if any failed, then count it."""

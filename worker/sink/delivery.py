@@ -74,6 +74,8 @@ class DeliveryEngine:
         self._held: dict[str, tuple[float, list[Pending]]] = {}  # throttled user -> (until, their items)
         self._sequence = itertools.count()
         self._active = 0
+        # Requests in a row that got no 2xx at all: the destination's "circuit" is open past a threshold.
+        self.consecutive_failures = 0
         self._bucket = TokenBucket(destination.events_per_second) if destination.events_per_second else None
         self._wake: asyncio.Event | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -217,6 +219,8 @@ class DeliveryEngine:
 
     async def _attempt(self, endpoint: Endpoint, group: list[Pending], resend_depth: int) -> None:
         outcome = await self._send(endpoint, group)
+        status = outcome.http_status
+        self.consecutive_failures = 0 if status is not None and status < 500 else self.consecutive_failures + 1
         if not outcome.per_item and len(group) > 1 and _bisect_worthy(outcome):
             half = len(group) // 2  # rejected as a whole without naming an item: find the poison one
             await self._attempt(endpoint, group[:half], resend_depth)
