@@ -48,7 +48,7 @@ from worker.processes import Role
 from worker.topics import create_all
 
 DESTINATION = "amplitude"
-CAUGHT_UP_LAG = 2.0  # seconds: caught up once everything produced this long ago has arrived (by count)
+CAUGHT_UP_LAG = 2.0  # seconds: caught up once everything produced this long ago is accounted for (by count)
 MB = 1024 * 1024
 
 
@@ -207,8 +207,10 @@ def warm_up(watch: Watch, seconds: float) -> None:
 
 
 def caught_up(producer: SteadyProducer) -> Any:
+    """Everything produced CAUGHT_UP_LAG ago is accounted for: delivered, or dead-lettered (it never will be)."""
+
     def check(sample: Sample) -> bool:
-        return sample.received >= producer.acked_before(time.monotonic() - CAUGHT_UP_LAG)
+        return sample.received + sample.dead_lettered >= producer.acked_before(time.monotonic() - CAUGHT_UP_LAG)
 
     return check
 
