@@ -113,7 +113,11 @@ def test_replay_killed_halfway_and_rerun_loses_nothing(settings, standins, tmp_p
     events = track_events(600)
     standins.faults("amberflo", down=True)
     write_events(settings, "amberflo", events)
-    sink = start_sink(settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="1")
+    # Attempts count only while the destination is up for others; here it never is, so the circuit
+    # must not open for the budget to be spent at once.
+    sink = start_sink(
+        settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="1", SINK_CIRCUIT_OPEN_AFTER="1000000"
+    )
     try:
         letters = wait_for_dead_letters(settings, "amberflo", len(events), timeout=60)
         assert {header_map(m.headers())["error_kind"] for m in letters} == {"exhausted"}

@@ -164,19 +164,16 @@ def test_graceful_stop_commits_so_a_restart_resends_nothing(settings, standins, 
     assert read(settings, "dlq.amberflo", lambda seen: False, timeout=1) == []
 
 
-def test_a_destination_that_stays_down_exhausts_the_retry_budget_into_the_dlq(settings, standins, tmp_path):
+def test_an_item_that_keeps_failing_exhausts_its_retry_budget_into_the_dlq(settings, standins, tmp_path):
     events = track_events(20)
     standins.faults("amberflo", down=True)
     write_events(settings, "amberflo", events)
-    port = free_port()
-    sink = start_sink(settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="3", METRICS_PORT=str(port))
+    # The circuit never opens here, so every failure is charged to the items, as when a destination
+    # fails these requests while it works for others.
+    sink = start_sink(
+        settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="3", SINK_CIRCUIT_OPEN_AFTER="1000000"
+    )
     try:
-        deadline = time.monotonic() + 20
-        readiness = ""
-        while "circuit" not in readiness and "failing" not in readiness and time.monotonic() < deadline:
-            readiness = probe(port, "/readyz")
-            time.sleep(0.1)
-        assert "not ready: amberflo failing" in readiness  # /readyz says the destination is down
         dead = {}
         deadline = time.monotonic() + 30
         while len(dead) < len(events) and time.monotonic() < deadline:
@@ -188,6 +185,35 @@ def test_a_destination_that_stays_down_exhausts_the_retry_budget_into_the_dlq(se
         assert headers["error_kind"] == "exhausted" and headers["attempts"] == "3"
         assert headers["http_status"] == "503" and "gave up after 3 attempts" in headers["error"]
     assert standins.received("amberflo") == {}
+
+
+def test_an_outage_opens_the_circuit_and_pauses_instead_of_dead_lettering(settings, standins, tmp_path):
+    events = track_events(300)
+    standins.faults("amberflo", down=True)
+    write_events(settings, "amberflo", events)
+    port = free_port()
+    # Six attempts at 0.05-0.5 s backoff are spent in a few seconds, were outage failures charged; at
+    # most circuit_open_after (5) - 1 are charged before the circuit opens.
+    sink = start_sink(settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="6", METRICS_PORT=str(port))
+    try:
+        deadline = time.monotonic() + 20
+        readiness = ""
+        while "failing" not in readiness and time.monotonic() < deadline:
+            readiness = probe(port, "/readyz")
+            time.sleep(0.1)
+        assert "not ready: amberflo failing" in readiness  # /readyz says the destination is down
+        time.sleep(3)  # many retries later ...
+        assert dead_letter_ids(settings, "amberflo", timeout=1) == {}  # ... nothing was dead-lettered
+        standins.faults("amberflo")  # the destination is back
+        received = standins.wait_received("amberflo", len(events), timeout=60)
+        deadline = time.monotonic() + 10
+        while probe(port, "/readyz").startswith("not ready") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert probe(port, "/readyz").startswith("ready")
+    finally:
+        assert sink.terminate() == 0
+    assert set(received) == message_ids(events)
+    assert dead_letter_ids(settings, "amberflo", timeout=1) == {}
 
 
 def test_sigterm_mid_stream_then_restart_loses_nothing(settings, standins, tmp_path):

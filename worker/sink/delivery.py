@@ -50,7 +50,8 @@ class Pending:
     item: Item
     owner: Any
     size: int  # bytes of its JSON payload, for the request byte limit
-    attempts: int = 0
+    attempts: int = 0  # every failed try (the dead letter's `attempts` header)
+    charged: int = 0  # tries that count against max_attempts: those made while the destination was up
     first_failure: float | None = None
     ready_at: float = 0.0
     reason: str = ""
@@ -266,12 +267,14 @@ class DeliveryEngine:
     def _retry(self, pending: Pending, result: ItemResult, http_status: int | None) -> None:
         now = time.monotonic()
         pending.attempts += 1
+        if not self.circuit_open:
+            pending.charged += 1
         pending.reason = logs.scrub(result.reason, self._secrets)
         pending.http_status = http_status
         if pending.first_failure is None:
             pending.first_failure = now
         s = self.settings
-        if pending.attempts >= s.max_attempts or now - pending.first_failure >= s.max_retry_seconds:
+        if pending.charged >= s.max_attempts or now - pending.first_failure >= s.max_retry_seconds:
             reason = f"gave up after {pending.attempts} attempts: {pending.reason}"
             self._dead(pending, Kind.EXHAUSTED, reason, http_status)
             return
@@ -279,6 +282,11 @@ class DeliveryEngine:
         backoff = random.uniform(0, min(s.backoff_max, s.backoff_initial * 2 ** (pending.attempts - 1)))
         delay = max(backoff, result.retry_after or 0.0)
         heapq.heappush(self._delayed, (now + delay, next(self._sequence), pending))
+
+    @property
+    def circuit_open(self) -> bool:
+        """The destination is down for everyone, not failing for this item."""
+        return self.consecutive_failures >= self.settings.circuit_open_after
 
     def _throttle(self, pending: Pending, result: ItemResult, http_status: int | None) -> None:
         """Hold back only this item's user; everyone else keeps flowing."""
