@@ -125,8 +125,8 @@ class FlatRecordCodec(SingleObjectCodec):
                 self.plan.append((f["name"], _ENUM, {s: i for i, s in enumerate(t["symbols"])}))
             else:
                 raise ValueError(f"field {f['name']!r}: type {t!r} is not flat; use SingleObjectCodec")
-        self.symbols = {name: list(index) for name, kind, index in self.plan if kind == _ENUM and index}
         self.encode = self._compile_encoder()  # type: ignore[method-assign]
+        self._decode = self._compile_decoder()
 
     def _compile_encoder(self) -> Any:
         """Generate one straight-line function for this schema: no per-field dispatch at run time.
@@ -166,25 +166,43 @@ class FlatRecordCodec(SingleObjectCodec):
         exec("\n".join(lines), namespace)
         return namespace["encode"]
 
-    def decode(self, data: bytes) -> dict[str, Any]:
-        body = self.body(data)
-        pos = 0
-        record: dict[str, Any] = {}
-        for name, kind, _ in self.plan:
+    def _compile_decoder(self) -> Any:
+        """The decoder's twin of `_compile_encoder`: straight-line reads, a one-byte fast path for the
+        varints (lengths under 64 and union/enum indexes), the rest through `read_varint`."""
+
+        def read(target: str, indent: str) -> list[str]:
+            return [
+                f"{indent}b = body[pos]",
+                f"{indent}if b < 0x80:",
+                f"{indent}    {target} = (b >> 1) ^ -(b & 1); pos += 1",
+                f"{indent}else:",
+                f"{indent}    {target}, pos = read_varint(body, pos)",
+            ]
+
+        lines = ["def decode(body):", "    pos = 0", "    record = {}"]
+        for i, (name, kind, _index) in enumerate(self.plan):
+            indent = "    "
             if kind == _ENUM:
-                i, pos = _read_varint(body, pos)
-                record[name] = self.symbols[name][i]
+                lines += read("n", indent)
+                lines.append(f"    record[{name!r}] = symbols{i}[n]")
                 continue
             if kind == _NULLABLE_STRING:
-                branch, pos = _read_varint(body, pos)
-                if branch == 0:
-                    record[name] = None
-                    continue
-            length, pos = _read_varint(body, pos)
-            chunk = body[pos : pos + length]
-            record[name] = orjson.loads(chunk) if kind == _JSON else chunk.decode()
-            pos += length
-        return record
+                lines += read("n", indent)
+                lines += ["    if n == 0:", f"        record[{name!r}] = None", "    else:"]
+                indent = "        "
+            lines += read("n", indent)
+            value = "loads(body[pos:pos + n])" if kind == _JSON else "body[pos:pos + n].decode()"
+            lines += [f"{indent}record[{name!r}] = {value}", f"{indent}pos += n"]
+        lines.append("    return record")
+        namespace: dict[str, Any] = {"read_varint": _read_varint, "loads": orjson.loads}
+        for i, (_name, kind, index) in enumerate(self.plan):
+            if kind == _ENUM:
+                namespace[f"symbols{i}"] = list(index)  # type: ignore[arg-type]
+        exec("\n".join(lines), namespace)
+        return namespace["decode"]
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        return self._decode(self.body(data))
 
 
 class EventCodec:

@@ -54,7 +54,7 @@ from worker.destinations.base import (
     classify_status,
 )
 from worker.segment.event import SegmentEvent
-from worker.segment.timestamps import InvalidTimestamp, to_millis
+from worker.segment.timestamps import InvalidTimestamp, millis_of
 
 INGEST_ENDPOINT = "ingest"
 CUSTOMERS_ENDPOINT = "customers"
@@ -220,7 +220,7 @@ def _customer_id(event: SegmentEvent) -> str:
 
 def _time(event: SegmentEvent) -> int:
     try:
-        return to_millis(event.get("timestamp", ""))
+        return millis_of(event.get("timestamp", ""))
     except InvalidTimestamp as exc:
         raise InvalidEvent(f"timestamp: {exc}") from None
 

@@ -53,7 +53,7 @@ from worker.destinations.base import (
     parse_retry_after,
 )
 from worker.segment.event import SegmentEvent
-from worker.segment.timestamps import InvalidTimestamp, to_millis
+from worker.segment.timestamps import InvalidTimestamp, millis_of
 
 EVENTS_ENDPOINT = "events"
 MAX_EVENTS_PER_REQUEST = 1000
@@ -80,6 +80,7 @@ _CONTEXT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ip", ("ip",)),
     ("app_version", ("app", "version")),
 )
+_CONTEXT_PATHS = tuple((field, path[0], path[1] if len(path) > 1 else None) for field, path in _CONTEXT_FIELDS)
 
 
 class AmplitudeConfig(BaseSettings):
@@ -205,9 +206,11 @@ class AmplitudeDestination:
         platform = _platform(context)
         if platform:
             payload["platform"] = platform
-        for field, path in _CONTEXT_FIELDS:
-            value = _dig(context, path)
-            if value not in (None, ""):
+        for field, first, second in _CONTEXT_PATHS:  # inlined _dig: this runs 16 times an event
+            value = context.get(first)
+            if second is not None:
+                value = value.get(second) if value.__class__ is dict else None
+            if value is not None and value != "":
                 payload[field] = value
         library = _library(context)
         if library:
@@ -376,7 +379,7 @@ def _message_id(event: SegmentEvent) -> str:
 
 def _event_time(event: SegmentEvent) -> int:
     try:
-        return to_millis(event.get("timestamp", ""))
+        return millis_of(event.get("timestamp", ""))
     except InvalidTimestamp as exc:
         raise InvalidEvent(f"timestamp: {exc}") from None
 
