@@ -17,7 +17,7 @@ import orjson
 
 from worker.collector.auth import BODY_FIELD
 from worker.collector.responses import exceeds_payload_limit, invalid_json, malformed
-from worker.segment.envelope import MAX_BATCH_BYTES, MAX_EVENT_BYTES, InvalidPayload, parse
+from worker.segment.envelope import MAX_BATCH_BYTES, MAX_EVENT_BYTES, InvalidPayload, json_type, parse
 from worker.segment.timestamps import format_iso
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
@@ -54,7 +54,7 @@ def decode_document(payload: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise invalid_json(str(exc)) from None
     if not isinstance(document, dict):
-        raise malformed(f"body must be a JSON object, got {_json_type(document)}")
+        raise malformed(f"body must be a JSON object, got {json_type(document)}")
     return document
 
 
@@ -86,10 +86,10 @@ def _event_message(event: dict[str, Any], event_type: str | None, received_at: s
 def _batch_message(document: dict[str, Any], received_at: str, ip: str | None) -> RawMessage | None:
     batch = document.get("batch")
     if not isinstance(batch, list):
-        raise malformed(f"`batch` must be an array of events, got {_json_type(batch)}")
+        raise malformed(f"`batch` must be an array of events, got {json_type(batch)}")
     for index, item in enumerate(batch):
         if not isinstance(item, dict):
-            raise malformed(f"batch[{index}] must be an object, got {_json_type(item)}")
+            raise malformed(f"batch[{index}] must be an object, got {json_type(item)}")
     document.pop(BODY_FIELD, None)
     if not batch:
         return None
@@ -143,15 +143,3 @@ def key_of(event: dict[str, Any]) -> str | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
     return None
-
-
-def _json_type(value: object) -> str:
-    return {
-        dict: "object",
-        list: "array",
-        str: "string",
-        bool: "boolean",
-        type(None): "null",
-        int: "number",
-        float: "number",
-    }.get(type(value), type(value).__name__)

@@ -60,7 +60,7 @@ def parse(value: bytes | None) -> Envelope:
     except orjson.JSONDecodeError as exc:
         raise InvalidPayload(f"malformed JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise InvalidPayload(f"payload must be a JSON object, got {_json_type(document)}")
+        raise InvalidPayload(f"payload must be a JSON object, got {json_type(document)}")
     if "batch" not in document:
         if len(value) > MAX_EVENT_BYTES:
             raise InvalidPayload(f"event is {len(value)} bytes; the limit is {MAX_EVENT_BYTES} bytes an event")
@@ -71,16 +71,16 @@ def parse(value: bytes | None) -> Envelope:
 def _split_batch(document: dict[str, Any]) -> Envelope:
     batch = document["batch"]
     if not isinstance(batch, list):
-        raise InvalidPayload(f"`batch` must be an array, got {_json_type(batch)}")
+        raise InvalidPayload(f"`batch` must be an array, got {json_type(batch)}")
     shared_context = document.get("context")
     if shared_context is not None and not isinstance(shared_context, dict):
-        raise InvalidPayload(f"batch `context` must be an object, got {_json_type(shared_context)}")
+        raise InvalidPayload(f"batch `context` must be an object, got {json_type(shared_context)}")
     defaults = {k: document[k] for k in _BATCH_DEFAULTS if k in document}
     envelope = Envelope(is_batch=True)
     for index, item in enumerate(batch):
         if not isinstance(item, dict):
             envelope.rejected.append(
-                RejectedEvent(index, orjson.dumps(item), f"batch item must be an object, got {_json_type(item)}")
+                RejectedEvent(index, orjson.dumps(item), f"batch item must be an object, got {json_type(item)}")
             )
             continue
         event = {**defaults, **item}
@@ -105,7 +105,8 @@ def _split_batch(document: dict[str, Any]) -> Envelope:
     return envelope
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """JSON's name for a parsed value's type, for error messages people read."""
     return {
         dict: "object",
         list: "array",
