@@ -35,6 +35,11 @@ CONSUMER_DEFAULTS = {
     "max.poll.interval.ms": "300000",
     # Per-partition lag for /metrics comes from librdkafka's statistics.
     "statistics.interval.ms": "5000",
+    # librdkafka prefetches up to 100k messages / 64 MB by default, and a paused partition's
+    # prefetched messages still arrive (the loop keeps them, in order): bound that, so a role that
+    # is refusing work (a sink whose destination is down) holds a bounded amount of memory.
+    "queued.min.messages": "10000",
+    "queued.max.messages.kbytes": "16384",
 }
 
 # Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
