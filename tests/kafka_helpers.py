@@ -10,7 +10,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from worker.config import Settings
 from worker.kafka.broker import EmbeddedBroker
-from worker.kafka.producer import Producer
+from worker.kafka.producer import produce_and_wait
 from worker.processes import FAST_GROUP_ENV, Role
 from worker.topics import create_all
 
@@ -41,11 +41,7 @@ def setup_topics(settings: Settings) -> None:
 
 
 def produce(settings: Settings, topic: str, items: list[tuple[str | None, bytes | None]]) -> None:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    errors: list[str] = []
-    for key, value in items:
-        producer.produce(settings.topic(topic), value, key, lambda err, _m: errors.append(str(err)) if err else None)
-    assert producer.flush(30) == 0 and not errors, errors
+    produce_and_wait({"bootstrap.servers": settings.kafka_bootstrap_servers}, settings.topic(topic), items)
 
 
 def read(

@@ -48,6 +48,10 @@ class Standins:
         with urllib.request.urlopen(request, timeout=10) as response:
             return orjson.loads(response.read())
 
+    def reset_all(self) -> None:
+        for destination in DESTINATIONS:
+            self._call("POST", f"/_standin/{destination}/reset", {})
+
     def faults(self, destination: str, **faults: Any) -> None:
         self._call("POST", f"/_standin/{destination}/faults", faults)
 

@@ -29,7 +29,7 @@ from worker.avro_codec import EventCodec
 from worker.config import Settings
 from worker.dead_letters import header_map
 from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
-from worker.kafka.producer import Producer
+from worker.kafka.producer import produce_and_wait
 from worker.processes import FAST_GROUP_ENV, Role
 from worker.samples import sample_payloads
 from worker.standins.server import KEY_VARIABLES, default_key
@@ -43,15 +43,6 @@ def _say(text: str = "") -> None:
     # A closed stdout (`make demo | head`) must not skip the clean-up that follows the output.
     with contextlib.suppress(BrokenPipeError):
         print(text, flush=True)
-
-
-def produce_all(properties: dict[str, str], topic: str, payloads: list[tuple[str, bytes]]) -> None:
-    producer = Producer(properties)
-    failures: list[str] = []
-    for key, value in payloads:
-        producer.produce(topic, value, key, lambda err, _m: failures.append(str(err)) if err else None)
-    if producer.flush(30) or failures:
-        raise RuntimeError(f"could not write sample traffic: {failures[:3]}")
 
 
 WRITE_KEY = "demo-write-key"
@@ -189,7 +180,7 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         _say(f"[5/6] sending {good} events in {len(good_payloads)} requests through the collector (Segment HTTP API)")
         send_through_collector(f"http://127.0.0.1:{collector_port}", good_payloads)
         _say(f"      and {len(poison)} poison messages straight to {settings.topic('raw')}, as a Kafka producer would")
-        produce_all(props, settings.topic("raw"), [("poison", p) for p in poison])
+        produce_and_wait(props, settings.topic("raw"), [("poison", p) for p in poison])
         _say("[6/6] waiting until every sink has committed everything on its topic")
         ok = _wait_and_report(settings, props, stack, base, good, len(poison))
         if keep_running:

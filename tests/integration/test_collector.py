@@ -3,10 +3,6 @@ driven by the official Segment SDK (segment-analytics-python) and by raw HTTP.""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +16,11 @@ from segment.analytics.request import APIError
 from tests.kafka_helpers import read_count, role_env, settings_for, settle, setup_topics
 from worker.config import Settings
 from worker.kafka.broker import EmbeddedBroker, free_port
+from worker.processes import Role
 
 pytestmark = pytest.mark.integration
 
 KEY = "wk_integration"
-REPO = Path(__file__).resolve().parents[2]
 
 
 class CollectorProcess:
@@ -34,20 +30,13 @@ class CollectorProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "collect", "--host", "127.0.0.1", "--port", str(self.port)],
-                env={**os.environ, **env},
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.role = Role(["collect", "--host", "127.0.0.1", "--port", str(self.port)], env, log_path)
         self._wait_until_serving()
 
     def _wait_until_serving(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text()
+            assert self.role.alive(), self.log_path.read_text()
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).ok:
                     return
@@ -56,13 +45,7 @@ class CollectorProcess:
         raise TimeoutError(f"collector did not serve in {timeout}s: {self.log_path.read_text()}")
 
     def terminate(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return self.role.terminate(timeout)
 
 
 @pytest.fixture

@@ -11,23 +11,15 @@ import orjson
 import pytest
 
 from tests.kafka_helpers import read_count, role_env, settings_for, settle, setup_topics, start_role
-from tests.sink_helpers import DESTINATIONS, Standins, start_sink, track_events, write_events
+from tests.sink_helpers import start_sink, track_events, write_events
 from worker.dead_letters import Kind, dead_letter_headers, header_map
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def standins(tmp_path_factory):
-    running = Standins(tmp_path_factory.mktemp("standins"))
-    yield running
-    running.stop()
-
-
 @pytest.fixture(autouse=True)
-def reset(standins):
-    for destination in DESTINATIONS:
-        standins._call("POST", f"/_standin/{destination}/reset", {})
+def reset(clean_standins):
+    """Every test starts with stand-ins that remember nothing and inject no fault."""
 
 
 @pytest.fixture

@@ -8,20 +8,13 @@ import urllib.request
 
 import pytest
 
-from tests.kafka_helpers import read, settings_for, settle, setup_topics
-from tests.sink_helpers import DESTINATIONS, Standins, start_sink, track_events, write_events
+from tests.kafka_helpers import read, read_count, settings_for, settle, setup_topics
+from tests.sink_helpers import DESTINATIONS, start_sink, track_events, write_events
 from worker.avro_codec import EventCodec
 from worker.dead_letters import header_map
 from worker.kafka.broker import free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def standins(tmp_path_factory):
-    running = Standins(tmp_path_factory.mktemp("standins"))
-    yield running
-    running.stop()
 
 
 @pytest.fixture
@@ -32,9 +25,8 @@ def settings(broker, prefix):
 
 
 @pytest.fixture(autouse=True)
-def reset(standins):
-    for destination in DESTINATIONS:
-        standins._call("POST", f"/_standin/{destination}/reset", {})
+def reset(clean_standins):
+    """Every test starts with stand-ins that remember nothing and inject no fault."""
 
 
 def probe(port: int, path: str) -> str:
@@ -51,10 +43,19 @@ def message_ids(events) -> set[str]:
     return {e["messageId"] for e in events}
 
 
-def dead_letter_ids(settings, destination, timeout=2.0) -> dict[str, dict[str, str]]:
+def _by_message_id(messages) -> dict[str, dict[str, str]]:
     codec = EventCodec()
-    messages = settle(settings, f"dlq.{destination}", timeout)
     return {codec.decode(m.value())[0]["messageId"]: header_map(m.headers()) for m in messages}
+
+
+def dead_letter_ids(settings, destination, timeout=2.0) -> dict[str, dict[str, str]]:
+    """Every dead letter once the topic has been quiet for `timeout` (to see that none arrive)."""
+    return _by_message_id(settle(settings, f"dlq.{destination}", timeout))
+
+
+def wait_dead_letter_ids(settings, destination, count, timeout=30.0) -> dict[str, dict[str, str]]:
+    """Dead letters as soon as `count` have arrived (or the timeout passed)."""
+    return _by_message_id(read_count(settings, f"dlq.{destination}", count, timeout))
 
 
 @pytest.mark.parametrize("destination", DESTINATIONS)
@@ -117,10 +118,7 @@ def test_one_poison_event_per_batch_is_the_only_dead_letter(settings, standins, 
     sink = start_sink(settings, destination, standins, tmp_path)
     try:
         received = standins.wait_received(destination, len(events) - len(poison))
-        dead = {}
-        deadline = time.monotonic() + 30
-        while len(dead) < len(poison) and time.monotonic() < deadline:
-            dead = dead_letter_ids(settings, destination, timeout=1)
+        dead = wait_dead_letter_ids(settings, destination, len(poison))
     finally:
         assert sink.terminate() == 0
     assert set(received) == message_ids(events) - poison
@@ -174,10 +172,7 @@ def test_an_item_that_keeps_failing_exhausts_its_retry_budget_into_the_dlq(setti
         settings, "amberflo", standins, tmp_path, SINK_MAX_ATTEMPTS="3", SINK_CIRCUIT_OPEN_AFTER="1000000"
     )
     try:
-        dead = {}
-        deadline = time.monotonic() + 30
-        while len(dead) < len(events) and time.monotonic() < deadline:
-            dead = dead_letter_ids(settings, "amberflo", timeout=1)
+        dead = wait_dead_letter_ids(settings, "amberflo", len(events))
     finally:
         assert sink.terminate() == 0
     assert set(dead) == message_ids(events)
@@ -261,10 +256,7 @@ def test_a_wrong_api_key_is_retried_then_dead_lettered_and_never_written_out(set
     write_events(settings, "amplitude", events)
     sink = start_sink(settings, "amplitude", standins, tmp_path, AMPLITUDE_API_KEY=wrong_key, SINK_MAX_ATTEMPTS="2")
     try:
-        dead = {}
-        deadline = time.monotonic() + 30
-        while len(dead) < len(events) and time.monotonic() < deadline:
-            dead = dead_letter_ids(settings, "amplitude", timeout=1)
+        dead = wait_dead_letter_ids(settings, "amplitude", len(events))
     finally:
         assert sink.terminate() == 0
     assert set(dead) == message_ids(events)

@@ -108,3 +108,15 @@ class Producer:
 
     def __len__(self) -> int:
         return len(self._producer)
+
+
+def produce_and_wait(
+    properties: dict[str, str], topic: str, items: Sequence[tuple[str | None, bytes | None]], timeout: float = 30.0
+) -> None:
+    """Write (key, value) pairs and wait until every one is acknowledged; raise if any is not."""
+    producer = Producer(properties)
+    failures: list[str] = []
+    for key, value in items:
+        producer.produce(topic, value, key, lambda err, _m: failures.append(str(err)) if err else None)
+    if producer.flush(timeout) or failures:
+        raise RuntimeError(f"could not write to {topic}: {failures[:3] or 'not acknowledged in time'}")
