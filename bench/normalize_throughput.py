@@ -17,14 +17,14 @@ import sys
 import time
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from worker.config import Settings
+from worker.config import Config
 from worker.kafka.admin import TopicSpec, create_topics
 from worker.kafka.broker import EmbeddedBroker, free_port
-from worker.kafka.producer import Producer
+from worker.kafka.clients import KafkaClients
+from worker.kafka.reading import assign_all, read_batches_until_quiet
 from worker.processes import FAST_GROUP_ENV
 from worker.samples import bench_event
 from worker.topics import create_all
@@ -76,23 +76,22 @@ def bare_loop(bootstrap: str, source: str, target: str, total: int) -> None:
     consumer.close()
 
 
-def count_rate(bootstrap: str, topic: str, total: int, timeout: float) -> float:
+def count_rate(kafka: KafkaClients, topic: str, total: int, timeout: float) -> float:
     """Events/s between the first and the last output message."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"bench-count-{topic}", "enable.auto.commit": "false"}
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    consumer = kafka.reader(f"bench-count-{topic}")
     seen, first, last = 0, None, None
-    deadline = time.monotonic() + timeout
-    while seen < total and time.monotonic() < deadline:
-        messages = consumer.consume(5000, 0.5)
-        if messages:
+    try:
+        assign_all(consumer, [topic])
+        # idle=None: stop only at `total` or the deadline (the output may not have started yet).
+        for messages in read_batches_until_quiet(consumer, None, time.monotonic() + timeout, batch=5000):
             now = time.monotonic()
             first = first or now
             last = now
-            seen += sum(1 for m in messages if m.error() is None)
-    consumer.close()
+            seen += len(messages)
+            if seen >= total:
+                break
+    finally:
+        consumer.close()
     if seen < total or first is None or last is None or last == first:
         raise SystemExit(f"only {seen}/{total} output messages on {topic} within {timeout}s")
     return seen / (last - first)
@@ -109,27 +108,31 @@ def main() -> None:
         return
 
     with EmbeddedBroker(free_port()) as broker:
-        settings = Settings(
-            kafka_bootstrap_servers=broker.bootstrap_servers,
-            topic_prefix="bench.",
-            consumer_group_prefix="bench-",
-            topic_partitions=args.partitions,
+        config = Config.from_sources(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                "TOPIC_PREFIX": "bench.",
+                "CONSUMER_GROUP_PREFIX": "bench-",
+                "TOPIC_PARTITIONS": str(args.partitions),
+            }
         )
-        create_all(settings)
-        create_topics(settings.kafka_properties, [TopicSpec("bench.bare", args.partitions, {})])
+        names = config.names
+        bare_topic = names.full_topic("bare")
+        create_all(config)
+        create_topics(config.kafka.admin(), [TopicSpec(bare_topic, args.partitions, {})])
         rng = random.Random(7)
-        producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+        producer = config.kafka.producer()
         sizes = 0
         for n in range(args.events):
             event = bench_event(rng, n)
             value = orjson.dumps(event)
             sizes += len(value)
-            producer.produce("bench.raw", value, event["userId"], lambda err, _m: None)
+            producer.produce(names.raw, value, event["userId"], lambda err, _m: None)
         producer.flush(60)
         print(f"{args.events} events, mean {sizes / args.events:.0f} bytes, {args.partitions} partitions")
 
         here = os.path.abspath(__file__)
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, **FAST_GROUP_ENV}
+        env = {**os.environ, **config.sources, **FAST_GROUP_ENV}
         bare = subprocess.Popen(
             [
                 sys.executable,
@@ -138,23 +141,23 @@ def main() -> None:
                 str(args.events),
                 "--bare-worker",
                 broker.bootstrap_servers,
-                "bench.raw",
-                "bench.bare",
+                names.raw,
+                bare_topic,
             ],
             env=env,
         )
         try:
-            bare_rate = count_rate(broker.bootstrap_servers, "bench.bare", args.events, 300)
+            bare_rate = count_rate(config.kafka, bare_topic, args.events, 300)
         finally:
             bare.wait(60)
         print(f"bare consume -> loads/dumps -> produce: {bare_rate:,.0f} events/s")
 
-        worker_env = {**env, "TOPIC_PREFIX": "bench.", "CONSUMER_GROUP_PREFIX": "bench-", "DESTINATIONS": "amplitude"}
+        worker_env = {**env, "DESTINATIONS": "amplitude"}
         normaliser = subprocess.Popen(
             [sys.executable, "-m", "worker", "--log-level", "WARNING", "normalize"], env=worker_env
         )
         try:
-            normalise_rate = count_rate(broker.bootstrap_servers, "bench.dest.amplitude", args.events, 300)
+            normalise_rate = count_rate(config.kafka, names.dest("amplitude"), args.events, 300)
         finally:
             normaliser.terminate()
             normaliser.wait(60)

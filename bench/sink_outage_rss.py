@@ -33,17 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for sink_throughput, this script's neighbour
 
-from sink_throughput import PREFIX, StandinServer, normalised_events, start_sink
+from sink_throughput import StandinServer, bench_config, normalised_events, start_sink
 
 from worker.avro_codec import EventCodec
-from worker.config import Settings
+from worker.config import Config
+from worker.dlq.headers import header_map
 from worker.kafka.broker import EmbeddedBroker, free_port
-from worker.kafka.producer import Producer
+from worker.kafka.clients import KafkaClients
+from worker.kafka.reading import assign_all, read_until_quiet
 from worker.processes import Role
 from worker.topics import create_all
 
@@ -58,12 +58,12 @@ MB = 1024 * 1024
 class SteadyProducer(threading.Thread):
     """Writes `rate` events/s to the dest topic in 0.1 s ticks until stopped; remembers what was acknowledged."""
 
-    def __init__(self, bootstrap: str, topic: str, rate: int, users: int, limit_seconds: float) -> None:
+    def __init__(self, kafka: KafkaClients, topic: str, rate: int, users: int, limit_seconds: float) -> None:
         super().__init__(name="steady-producer", daemon=True)
         self.topic = topic
         self.rate = rate
         self.limit_seconds = limit_seconds  # a hard bound, whatever the main thread does
-        self.producer = Producer({"bootstrap.servers": bootstrap})
+        self.producer = kafka.producer()
         # Events are generated lazily, so a run of any length needs no up-front memory or time.
         self.events = normalised_events(int(rate * limit_seconds) + rate, users, seed=11)
         self.acked: list[str] = []  # messageIds, appended on this thread, only read elsewhere
@@ -215,30 +215,16 @@ def caught_up(producer: SteadyProducer) -> Any:
     return check
 
 
-def dead_letters(settings: Settings, timeout: float = 30.0) -> dict[str, str]:
-    """messageId -> error_kind of every message on the DLQ (read until quiet)."""
-    topic = settings.topic(f"dlq.{DESTINATION}")
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": "bench-dlq-reader",
-            "enable.auto.commit": "false",
-        }
-    )
+def dead_letters(config: Config, timeout: float = 30.0) -> dict[str, str]:
+    """messageId -> error_kind of every message on the DLQ (read until quiet for 3 s)."""
+    consumer = config.kafka.reader("bench-dlq-reader")
     codec = EventCodec()
     found: dict[str, str] = {}
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        quiet_until = time.monotonic() + 3
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < min(quiet_until, deadline):
-            for message in consumer.consume(1000, 0.5):
-                if message.error() is None:
-                    headers = dict(message.headers() or [])
-                    event, _extra = codec.decode(message.value())
-                    found[event["messageId"]] = (headers.get("error_kind") or b"?").decode()
-                    quiet_until = time.monotonic() + 3
+        assign_all(consumer, [config.names.dlq(DESTINATION)])
+        for message in read_until_quiet(consumer, 3.0, time.monotonic() + timeout, grace=0.0, batch=1000):
+            event, _extra = codec.decode(message.value())
+            found[event["messageId"]] = header_map(message.headers()).get("error_kind") or "?"
     finally:
         consumer.close()
     return found
@@ -265,13 +251,13 @@ def settle(watch: Watch, back: float, timeout: float) -> float | None:
     return None
 
 
-def verify(watch: Watch, settings: Settings, back: float, timeout: float) -> Outcome:
+def verify(watch: Watch, config: Config, back: float, timeout: float) -> Outcome:
     """Compare what arrived (by insert_id = messageId) with everything the producer had acknowledged."""
     all_in = settle(watch, back, timeout)
     produced = set(watch.producer.acked)
     received = watch.standins.call("GET", f"/_standin/{DESTINATION}/received", timeout=120)
     missing = produced - received.keys()
-    on_dlq = dead_letters(settings) if missing else {}
+    on_dlq = dead_letters(config) if missing else {}
     kinds = Counter(on_dlq[m] for m in missing if m in on_dlq)
     lost = sorted(m for m in missing if m not in on_dlq)
     return Outcome(len(produced), len(produced) - len(missing), kinds, lost, all_in)
@@ -312,17 +298,10 @@ def summarise(watch: Watch, outage: float, recovery: float | None, outcome: Outc
 
 
 def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None:
-    settings = Settings(
-        kafka_bootstrap_servers=broker.bootstrap_servers,
-        topic_prefix=PREFIX,
-        consumer_group_prefix="bench-",
-        topic_partitions=args.partitions,
-    )
-    create_all(settings)
+    config = bench_config(broker.bootstrap_servers, args.partitions)
+    create_all(config)
     limit = args.warmup_seconds + args.outage_seconds + args.recovery_timeout + 60
-    producer = SteadyProducer(
-        broker.bootstrap_servers, settings.topic(f"dest.{DESTINATION}"), args.rate, args.users, limit
-    )
+    producer = SteadyProducer(config.kafka, config.names.dest(DESTINATION), args.rate, args.users, limit)
     metrics_port = free_port()
     extra = {"METRICS_PORT": str(metrics_port)}
     if args.amplitude_eps:
@@ -334,7 +313,7 @@ def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None
     try:
         standins = StandinServer(log_dir)
         started.append(standins.role)
-        sink = start_sink(broker.bootstrap_servers, DESTINATION, standins, log_dir, **extra)
+        sink = start_sink(config, DESTINATION, standins, log_dir, **extra)
         started.append(sink)
         watch = Watch(sink, metrics_port, standins, producer)
         producer.start()
@@ -350,7 +329,7 @@ def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None
         done = every_second(watch, args.recovery_timeout, until=caught_up(producer))
         recovery = None if done is None else done.at - (back - watch.outage_started)
         producer.stop()  # what is left is the stragglers: items still waiting out a backoff
-        outcome = verify(watch, settings, back, args.settle_timeout)
+        outcome = verify(watch, config, back, args.settle_timeout)
         summarise(watch, args.outage_seconds, recovery, outcome)
     finally:
         producer.stop()

@@ -33,9 +33,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.config import Settings
+from worker.config import Config
+from worker.destinations import registry
 from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
-from worker.kafka.producer import Producer
+from worker.kafka.clients import KafkaClients
 from worker.normalize.geo import GeoEnricher
 from worker.normalize.identities import IdentityMap
 from worker.normalize.pipeline import Normaliser
@@ -43,15 +44,27 @@ from worker.normalize.user_agent import UserAgentEnricher
 from worker.processes import FAST_GROUP_ENV, Role
 from worker.samples import bench_event
 from worker.segment.timestamps import iso_from_millis
-from worker.standins.server import KEY_VARIABLES, default_key
+from worker.standins.server import standin_env
 from worker.topics import create_all
 
 REPO = Path(__file__).resolve().parent.parent
 AMPLITUDE_TARGET = 20_000  # events/s, the issue's target for one Amplitude sink process
 PREFIX = "bench."
-DESTINATIONS = ("amplitude", "amberflo", "reteno", "brevo")
+GROUP_PREFIX = "bench-"
 BASE_MS = 1_795_000_000_000  # 2026-11-18, an arbitrary fixed "now" so runs are reproducible
 POLL_SECONDS = 0.2
+
+
+def bench_config(bootstrap: str, partitions: int) -> Config:
+    """The benches' configuration: their own topic and group prefixes on the embedded broker."""
+    return Config.from_sources(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "TOPIC_PREFIX": PREFIX,
+            "CONSUMER_GROUP_PREFIX": GROUP_PREFIX,
+            "TOPIC_PARTITIONS": str(partitions),
+        }
+    )
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -85,9 +98,9 @@ def normalised_events(
         yield routed.key, routed.value, routed.event["messageId"]
 
 
-def write_events(bootstrap: str, topics: list[str], count: int, users: int) -> float:
+def write_events(kafka: KafkaClients, topics: list[str], count: int, users: int) -> float:
     """Write the same `count` events to each topic; returns their mean size in bytes."""
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = kafka.producer()
     errors: list[str] = []
 
     def failed(error: Any, _message: Any) -> None:
@@ -124,10 +137,7 @@ class StandinServer:
 
     def env(self) -> dict[str, str]:
         """What a sink needs to talk to these stand-ins (base URLs and the keys they accept)."""
-        env = {f"{d.upper()}_BASE_URL": self.base for d in DESTINATIONS}
-        env["RETENO_MOBILE_BASE_URL"] = self.base
-        env.update({KEY_VARIABLES[d]: default_key(d) for d in DESTINATIONS})
-        return env
+        return standin_env(self.base)
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
         data = None if body is None else orjson.dumps(body)
@@ -142,12 +152,11 @@ class StandinServer:
         self.call("POST", f"/_standin/{destination}/faults", faults)
 
 
-def start_sink(bootstrap: str, destination: str, standins: StandinServer, log_dir: Path, **extra: str) -> Role:
+def start_sink(config: Config, destination: str, standins: StandinServer, log_dir: Path, **extra: str) -> Role:
+    """`sink <destination>` for `config`; the stand-ins' env carries the API key the sink refuses to start without."""
     env = {
         **child_env(),
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "TOPIC_PREFIX": PREFIX,
-        "CONSUMER_GROUP_PREFIX": "bench-",
+        **config.sources,
         **FAST_GROUP_ENV,
         **standins.env(),
         **extra,
@@ -200,10 +209,10 @@ def measure(
 
 
 def run_destination(
-    bootstrap: str, destination: str, standins: StandinServer, broker_pid: int, args: argparse.Namespace, log_dir: Path
+    config: Config, destination: str, standins: StandinServer, broker_pid: int, args: argparse.Namespace, log_dir: Path
 ) -> Run:
     # The rate limit is lifted so the sink's own throughput is what is measured.
-    sink = start_sink(bootstrap, destination, standins, log_dir, AMPLITUDE_EVENTS_PER_SECOND="100000000")
+    sink = start_sink(config, destination, standins, log_dir, AMPLITUDE_EVENTS_PER_SECOND="100000000")
     try:
         watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
         return measure(standins, destination, args.events, sink, watched, args.timeout)
@@ -232,20 +241,18 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per destination before giving up")
     args = parser.parse_args()
     destinations = [d.strip() for d in args.destinations.split(",") if d.strip()]
+    unknown = sorted(set(destinations) - set(registry.names()))
+    if unknown:
+        parser.error(f"unknown destinations {unknown}; known: {', '.join(registry.names())}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="sink-bench-"))
     ok = False
     with EmbeddedBroker(free_port(), log_path=log_dir / "tansu.log") as broker:
         assert broker.process is not None
-        settings = Settings(
-            kafka_bootstrap_servers=broker.bootstrap_servers,
-            topic_prefix=PREFIX,
-            consumer_group_prefix="bench-",
-            topic_partitions=args.partitions,
-        )
-        create_all(settings)
-        topics = [settings.topic(f"dest.{d}") for d in destinations]
-        mean = write_events(broker.bootstrap_servers, topics, args.events, args.users)
+        config = bench_config(broker.bootstrap_servers, args.partitions)
+        create_all(config)
+        topics = [config.names.dest(d) for d in destinations]
+        mean = write_events(config.kafka, topics, args.events, args.users)
         print(
             f"{args.events:,} normalised track events, mean {mean:.0f} bytes Avro, {args.users} users, "
             f"{args.partitions} partitions, written before each sink starts"
@@ -253,9 +260,7 @@ def main() -> None:
         standins = StandinServer(log_dir)
         try:
             for destination in destinations:
-                run = run_destination(
-                    broker.bootstrap_servers, destination, standins, broker.process.pid, args, log_dir
-                )
+                run = run_destination(config, destination, standins, broker.process.pid, args, log_dir)
                 report(destination, run, args.events)
             ok = True
         finally:

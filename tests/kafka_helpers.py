@@ -1,4 +1,4 @@
-"""Helpers for integration tests: settings for a test's namespace, producing, reading back, roles."""
+"""Helpers for integration tests: configuration for a test's namespace, producing, reading back, roles."""
 
 from __future__ import annotations
 
@@ -6,80 +6,75 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import Message
 
-from worker.config import Settings
-from worker.kafka.broker import EmbeddedBroker
-from worker.kafka.producer import produce_and_wait
+from worker.config import Config
+from worker.kafka.reading import assign_all, read_batches_until_quiet
 from worker.processes import FAST_GROUP_ENV, Role
 from worker.topics import create_all
 
 
-def settings_for(broker: EmbeddedBroker, prefix: str, partitions: int = 4, **overrides: object) -> Settings:
-    return Settings(
-        kafka_bootstrap_servers=broker.bootstrap_servers,
-        topic_prefix=prefix,
-        consumer_group_prefix=prefix,
-        topic_partitions=partitions,
-        **overrides,  # type: ignore[arg-type]
+class _Broker:  # what the helpers need of a broker fixture
+    bootstrap_servers: str
+
+
+def settings_for(broker: _Broker, prefix: str, partitions: int = 4, **variables: str) -> Config:
+    """A configuration of the test's own namespace, built by the same loader the CLI uses."""
+    return Config.from_sources(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "TOPIC_PREFIX": prefix,
+            "CONSUMER_GROUP_PREFIX": prefix,
+            "TOPIC_PARTITIONS": str(partitions),
+            **variables,
+        }
     )
 
 
-def role_env(settings: Settings, **extra: str) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "TOPIC_PREFIX": settings.topic_prefix,
-        "CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
-        "DESTINATIONS": ",".join(settings.destinations),
-        **FAST_GROUP_ENV,
-        **extra,
-    }
+def role_env(config: Config, **extra: str) -> dict[str, str]:
+    """The environment of a role process started for this configuration."""
+    return {**config.sources, **FAST_GROUP_ENV, **extra}
 
 
-def setup_topics(settings: Settings) -> None:
-    create_all(settings)
+def setup_topics(config: Config) -> None:
+    create_all(config)
 
 
-def produce(settings: Settings, topic: str, items: list[tuple[str | None, bytes | None]]) -> None:
-    produce_and_wait({"bootstrap.servers": settings.kafka_bootstrap_servers}, settings.topic(topic), items)
+def produce(config: Config, topic: str, items: list[tuple[str | None, bytes | None]]) -> None:
+    config.kafka.produce_and_wait(config.names.full_topic(topic), items)
 
 
 def read(
-    settings: Settings,
+    config: Config,
     topic: str,
     until: Callable[[list[Message]], bool],
     timeout: float = 60.0,
 ) -> list[Message]:
     """Read a topic from the beginning until `until(messages)` holds or the timeout passes."""
-    name = settings.topic(topic)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": "test-reader",
-            "enable.auto.commit": "false",
-        }
-    )
+    consumer = config.kafka.reader("test-reader")
     try:
-        metadata = consumer.list_topics(name, timeout=10)
-        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in metadata.topics[name].partitions])
+        assign_all(consumer, [config.names.full_topic(topic)])
         seen: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not until(seen):
-            seen.extend(m for m in consumer.consume(1000, 0.2) if m.error() is None)
+        if until(seen):
+            return seen
+        for messages in read_batches_until_quiet(consumer, None, time.monotonic() + timeout, batch=1000):
+            seen.extend(messages)
+            if until(seen):
+                break
         return seen
     finally:
         consumer.close()
 
 
-def read_count(settings: Settings, topic: str, count: int, timeout: float = 60.0) -> list[Message]:
-    return read(settings, topic, lambda seen: len(seen) >= count, timeout)
+def read_count(config: Config, topic: str, count: int, timeout: float = 60.0) -> list[Message]:
+    return read(config, topic, lambda seen: len(seen) >= count, timeout)
 
 
-def settle(settings: Settings, topic: str, timeout: float = 3.0) -> list[Message]:
+def settle(config: Config, topic: str, timeout: float = 3.0) -> list[Message]:
     """Everything on a topic after it has been quiet for a while (to see that nothing more arrives)."""
-    return read(settings, topic, lambda _seen: False, timeout)
+    return read(config, topic, lambda _seen: False, timeout)
 
 
-def start_role(settings: Settings, args: list[str], log_dir: Path, **extra_env: str) -> Role:
+def start_role(config: Config, args: list[str], log_dir: Path, **extra_env: str) -> Role:
     name = "-".join(args)
-    return Role(args, role_env(settings, **extra_env), log_dir / f"{name}-{time.monotonic_ns()}.log")
+    return Role(args, role_env(config, **extra_env), log_dir / f"{name}-{time.monotonic_ns()}.log")

@@ -11,12 +11,13 @@ import orjson
 
 from tests.kafka_helpers import produce, start_role
 from worker.avro_codec import EventCodec
-from worker.config import Settings
+from worker.config import Config
+from worker.destinations import registry
 from worker.kafka.broker import free_port, wait_for_port
 from worker.processes import Role
-from worker.standins.server import KEY_VARIABLES, default_key
+from worker.standins.server import standin_env
 
-DESTINATIONS = ("amplitude", "amberflo", "reteno", "brevo")
+DESTINATIONS = registry.names()
 # Fast retries so fault tests finish in seconds; generous attempts so nothing is exhausted by accident.
 FAST_SINK_ENV = {
     "SINK_LINGER_MS": "20",
@@ -37,10 +38,7 @@ class Standins:
 
     def env(self) -> dict[str, str]:
         """What a sink needs to talk to these stand-ins."""
-        env = {f"{d.upper()}_BASE_URL": self.base for d in DESTINATIONS}
-        env["RETENO_MOBILE_BASE_URL"] = self.base
-        env.update({KEY_VARIABLES[d]: default_key(d) for d in DESTINATIONS})
-        return env
+        return standin_env(self.base)
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else orjson.dumps(body)
@@ -97,10 +95,10 @@ def track_events(count: int, users: int = 10, prefix: str = "m") -> list[dict[st
     return events
 
 
-def write_events(settings: Settings, destination: str, events: list[dict[str, Any]]) -> None:
+def write_events(settings: Config, destination: str, events: list[dict[str, Any]]) -> None:
     codec = EventCodec()
     produce(settings, f"dest.{destination}", [(e["userId"], codec.encode(e)) for e in events])
 
 
-def start_sink(settings: Settings, destination: str, standins: Standins, log_dir: Path, **env: str) -> Role:
+def start_sink(settings: Config, destination: str, standins: Standins, log_dir: Path, **env: str) -> Role:
     return start_role(settings, ["sink", destination], log_dir, **{**FAST_SINK_ENV, **standins.env(), **env})

@@ -1,20 +1,58 @@
-"""The `segment-worker` command (also `python -m worker`). Command names are DESIGN.md's public contract."""
+"""The `segment-worker` command (also `python -m worker`).
+
+Command names are the public contract (docs/CONTRACT.md#commands).
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 import orjson
 
 from worker import health, logs
-from worker.config import Settings, load_settings
+from worker.config import Config, load_config
+from worker.config_loader import ConfigError
+from worker.destinations import registry
+from worker.names import RAW
+
+# Exit code of a role refused at start-up for its configuration (as click's usage errors).
+CONFIG_EXIT_CODE = 2
 
 
-def _settings(ctx: click.Context) -> Settings:
-    return ctx.obj["settings"]  # type: ignore[no-any-return]
+def _config(ctx: click.Context) -> Config:
+    return ctx.obj["config"]  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _refusing_bad_config() -> Iterator[None]:
+    """A setting that cannot be used stops start-up with one line naming it, and exit code 2."""
+    try:
+        yield
+    except ConfigError as exc:
+        click.echo(f"segment-worker: configuration error: {exc}", err=True)
+        sys.exit(CONFIG_EXIT_CODE)
+
+
+class DestinationName(click.ParamType):
+    """A registered destination (read when the command line is parsed, so a registered plug-in counts)."""
+
+    name = "destination"
+
+    def __init__(self, *, raw: bool = False) -> None:
+        self.raw = raw
+
+    def choices(self) -> list[str]:
+        return [*registry.names(), *([RAW] if self.raw else [])]
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if value in self.choices():
+            return str(value)
+        self.fail(f"{value!r} is not one of {', '.join(self.choices())}", param, ctx)
 
 
 class _Shutdown:
@@ -49,17 +87,24 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     """Segment-spec events on Kafka: normalise, enrich, fan out, deliver."""
     logs.configure(log_level.upper())
     ctx.ensure_object(dict)
-    ctx.obj["settings"] = load_settings(config_file)
+    with _refusing_bad_config():
+        ctx.obj["config"] = load_config(os.environ, config_file)
 
 
 @cli.command()
 @click.option("--port", default=9092, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def broker(port: int, host: str) -> None:
-    """Run the embedded Kafka-compatible broker (Tansu, memory storage) in the foreground."""
+@click.option("--apache-kafka", is_flag=True, help="Apache Kafka (KRaft, from its Maven Central jars; needs java, mvn)")
+@click.pass_context
+def broker(ctx: click.Context, port: int, host: str, apache_kafka: bool) -> None:
+    """Run a broker on this machine in the foreground: the embedded one (Tansu, memory storage) by default."""
+    if apache_kafka:
+        from worker.kafka.apache_kafka import run_foreground as run_apache_kafka
+
+        sys.exit(run_apache_kafka(port, host))
     from worker.kafka.broker import run_foreground
 
-    sys.exit(run_foreground(port, host))
+    sys.exit(run_foreground(port, host, _config(ctx).sources.get("TANSU_BIN")))
 
 
 @cli.group()
@@ -74,10 +119,10 @@ def topics_create(ctx: click.Context, partitions: int | None) -> None:
     """Create every topic with configured partitions; safe to re-run."""
     from worker.topics import create_all
 
-    settings = _settings(ctx)
+    config = _config(ctx)
     if partitions:
-        settings = settings.model_copy(update={"topic_partitions": partitions})
-    for name, state in sorted(create_all(settings).items()):
+        config = config.with_settings(topic_partitions=partitions)
+    for name, state in sorted(create_all(config).items()):
         click.echo(f"{state:8} {name}")
 
 
@@ -85,12 +130,13 @@ def topics_create(ctx: click.Context, partitions: int | None) -> None:
 @click.pass_context
 def normalize(ctx: click.Context) -> None:
     """Run the normaliser consumer group (segment.raw -> segment.dest.*)."""
-    from worker.normalize.app import build
+    from worker.normalize.strategy import build
 
     _Shutdown.install()
-    settings = _settings(ctx)
-    health.serve(settings.metrics_port)
-    loop, reader = build(settings)
+    config = _config(ctx)
+    with _refusing_bad_config():
+        loop, reader = build(config)
+    health.serve(config.settings.metrics_port)
     _stop_on_signals(loop.stop)
     reader.start()
     try:
@@ -105,22 +151,26 @@ def normalize(ctx: click.Context) -> None:
 @click.pass_context
 def collect(ctx: click.Context, host: str, port: int) -> None:
     """Segment-compatible HTTP API (any Segment SDK) into segment.raw; /healthz, /readyz, /metrics on PORT."""
-    from worker.collector.server import serve_forever
+    from worker.collector.server import checked_settings, serve_forever
 
-    serve_forever(_settings(ctx), host, port)
+    config = _config(ctx)
+    with _refusing_bad_config():
+        collector_settings = checked_settings(config)
+    serve_forever(config, collector_settings, host, port)
 
 
 @cli.command()
-@click.argument("destination", type=click.Choice(["amplitude", "amberflo", "reteno", "brevo"]))
+@click.argument("destination", type=DestinationName())
 @click.pass_context
 def sink(ctx: click.Context, destination: str) -> None:
     """Run DESTINATION's sink consumer group (segment.dest.DESTINATION -> its API)."""
-    from worker.sink.app import build
+    from worker.sink.strategy import build
 
     _Shutdown.install()
-    settings = _settings(ctx)
-    health.serve(settings.metrics_port)
-    loop = build(settings, destination)
+    config = _config(ctx)
+    with _refusing_bad_config():
+        loop = build(config, destination)
+    health.serve(config.settings.metrics_port)
     _stop_on_signals(loop.stop)
     loop.run()
 
@@ -128,14 +178,15 @@ def sink(ctx: click.Context, destination: str) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8089, show_default=True)
-def standins(host: str, port: int) -> None:
-    """Serve local stand-ins of the four destination APIs (for demo and tests; not a real destination)."""
+@click.pass_context
+def standins(ctx: click.Context, host: str, port: int) -> None:
+    """Serve local stand-ins of the destination APIs (for demo and tests; not a real destination)."""
     from worker.standins.server import serve_forever
 
-    serve_forever(host, port)
+    serve_forever(_config(ctx).sources, host, port)
 
 
-DLQ_CHOICES = click.Choice(["amplitude", "amberflo", "reteno", "brevo", "raw"])
+DLQ_CHOICES = DestinationName(raw=True)
 
 
 @cli.group()
@@ -150,9 +201,9 @@ def dlq() -> None:
 @click.pass_context
 def dlq_inspect(ctx: click.Context, destination: str, as_json: bool, samples: int) -> None:
     """Counts of DESTINATION's dead letters by kind and reason, oldest/newest, samples with headers."""
-    from worker.dlq import inspect, print_inspection
+    from worker.dlq.inspect import inspect, print_inspection
 
-    result = inspect(_settings(ctx), destination, samples)
+    result = inspect(_config(ctx), destination, samples)
     if as_json:
         click.echo(orjson.dumps(result.as_json()).decode())
     else:
@@ -177,13 +228,13 @@ def dlq_replay(
     rate: float | None,
 ) -> None:
     """Re-produce DESTINATION's dead letters to their original topic (raw: back through the normaliser)."""
-    from worker.dlq import ReplayFilter, print_replay, replay
+    from worker.dlq.replay import ReplayFilter, print_replay, replay
 
     try:
         filters = ReplayFilter(reason=reason, since=since)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    report = replay(_settings(ctx), destination, filters, max_messages, dry_run, rate)
+    report = replay(_config(ctx), destination, filters, max_messages, dry_run, rate)
     print_replay(report, dry_run, sys.stdout)
 
 
@@ -197,9 +248,8 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, limit: int | None
     """Print TOPIC's messages decoded (JSON lines) with key, partition, offset and headers."""
     from worker.tail import tail as run_tail
 
-    settings = _settings(ctx)
-    name = topic if topic.startswith(settings.topic_prefix) else settings.topic(topic)
-    run_tail(settings.kafka_properties, name, from_beginning, limit, idle_timeout)
+    config = _config(ctx)
+    run_tail(config.kafka, config.names.full_topic(topic), from_beginning, limit, idle_timeout)
 
 
 @cli.command()
@@ -209,7 +259,8 @@ def demo(ctx: click.Context, keep_running: bool) -> None:
     """Everything on one machine with the embedded broker; sends sample traffic and prints what came out."""
     from worker.demo import run_demo
 
-    sys.exit(run_demo(_settings(ctx), keep_running))
+    config = _config(ctx)
+    sys.exit(run_demo(config, config.sources.get("TANSU_BIN"), keep_running))
 
 
 def main() -> None:

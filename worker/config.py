@@ -1,90 +1,128 @@
-"""Settings: one pydantic-settings model with the variable names of DESIGN.md's public contract.
+"""The product's configuration: the core settings, the Kafka properties, and `Config`, which builds
+every other settings object (sink, collector, each destination's) from the same sources.
 
-Precedence: environment, then the optional config file (dotenv format, same names) named by
-`SEGMENT_WORKER_CONFIG` or `--config`, then defaults.
+Variable names are the public contract (docs/CONTRACT.md). How values are read and checked is
+worker.config_loader's job; which destinations exist is worker.destinations.registry's.
 """
 
 from __future__ import annotations
 
-import os
-from functools import cached_property
-from typing import Annotated
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
-ALL_DESTINATIONS = ("amplitude", "amberflo", "reteno", "brevo")
+from worker.collector.settings import CollectorSettings
+from worker.config_loader import ConfigError, Section, Sources, read_sources, split_csv
+from worker.destinations import registry
+from worker.destinations.base import Destination
+from worker.kafka.clients import KafkaClients
+from worker.names import Names
+from worker.sink.settings import SinkSettings
 
 # Environment variables that start with KAFKA_ but are settings of ours, not librdkafka properties.
-_OWN_KAFKA_VARS = {"KAFKA_BOOTSTRAP_SERVERS"}
+_OWN_KAFKA_VARIABLES = {"KAFKA_BOOTSTRAP_SERVERS"}
+# librdkafka properties whose values are credentials (masked wherever properties are shown).
+_SECRET_PROPERTY_WORDS = ("password", "secret", "token", "key")
 
 
-def _split_csv(value: object) -> object:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+class Settings(Section):
+    """The core settings every role shares."""
 
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
-
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
     topic_prefix: str = "segment."
     # Consumer groups are "<prefix>normalize" and "<prefix>sink-<destination>".
     consumer_group_prefix: str = "segment-"
-    destinations: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(ALL_DESTINATIONS))
-    topic_partitions: int = 6
-    topic_replication_factor: int = 1
+    destinations: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(registry.names()))
+    topic_partitions: int = Field(default=6, gt=0)
+    topic_replication_factor: int = Field(default=1, gt=0)
 
-    # Destination settings (AMPLITUDE_*, AMBERFLO_*, RETENO_*, BREVO_*) live with each destination
-    # module in worker/destinations/, so a destination's knobs sit beside the code that uses them.
-
-    collector_write_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     geoip_database: str | None = None
-    metrics_port: int | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     # Normaliser tuning.
-    identity_cache_size: int = 1_000_000
-    ua_cache_size: int = 65_536
-    ip_cache_size: int = 65_536
-    consume_batch_size: int = 1000
-    max_in_flight: int = 50_000
+    identity_cache_size: int = Field(default=1_000_000, gt=0)
+    ua_cache_size: int = Field(default=65_536, ge=0)
+    ip_cache_size: int = Field(default=65_536, ge=0)
+    consume_batch_size: int = Field(default=1000, gt=0)
+    max_in_flight: int = Field(default=50_000, gt=0)
 
     @field_validator("destinations", mode="before")
     @classmethod
     def _parse_destinations(cls, value: object) -> object:
-        value = _split_csv(value)
+        value = split_csv(value)
         if isinstance(value, list):
-            unknown = sorted(set(value) - set(ALL_DESTINATIONS))
+            known = registry.names()
+            unknown = sorted(set(value) - set(known))
             if unknown:
-                raise ValueError(f"unknown destinations {unknown}; known: {', '.join(ALL_DESTINATIONS)}")
+                raise ValueError(f"unknown destinations {unknown}; known: {', '.join(known)}")
         return value
 
-    @field_validator("collector_write_keys", mode="before")
+    @property
+    def names(self) -> Names:
+        return Names(self.topic_prefix, self.consumer_group_prefix)
+
+
+def kafka_properties(sources: Sources, bootstrap_servers: str) -> dict[str, str]:
+    """librdkafka properties: bootstrap servers plus every other `KAFKA_<PROPERTY>` variable."""
+    props = {"bootstrap.servers": bootstrap_servers}
+    for name, value in sources.items():
+        if name.startswith("KAFKA_") and name not in _OWN_KAFKA_VARIABLES and len(name) > len("KAFKA_"):
+            props[name[len("KAFKA_") :].lower().replace("_", ".")] = value
+    return props
+
+
+def masked(properties: Mapping[str, str]) -> dict[str, str]:
+    """Properties as they may be shown: credential values replaced by ***."""
+    return {k: "***" if any(w in k for w in _SECRET_PROPERTY_WORDS) else v for k, v in properties.items()}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a role is configured with, read once from one set of sources."""
+
+    sources: Mapping[str, str]
+    settings: Settings
+    kafka: KafkaClients = field(repr=False)
+
     @classmethod
-    def _parse_write_keys(cls, value: object) -> object:
-        return _split_csv(value)
+    def from_sources(cls, sources: Mapping[str, str]) -> Config:
+        upper = {name.upper(): value for name, value in sources.items()}
+        settings = Settings.from_sources(upper)
+        properties = kafka_properties(upper, settings.kafka_bootstrap_servers)
+        return cls(upper, settings, KafkaClients(properties, settings.consumer_group_prefix))
 
-    def group(self, role: str) -> str:
-        return f"{self.consumer_group_prefix}{role}"
+    @property
+    def names(self) -> Names:
+        return self.settings.names
 
-    def topic(self, name: str) -> str:
-        """Full topic name: `raw`, `identities`, `dest.amplitude`, `dlq.raw` ... with the prefix."""
-        return f"{self.topic_prefix}{name}"
+    def __repr__(self) -> str:  # never the sources themselves: they hold every credential
+        return f"Config(settings={self.settings!r}, kafka={masked(self.kafka.properties)!r})"
 
-    @cached_property
-    def kafka_properties(self) -> dict[str, str]:
-        """librdkafka properties: bootstrap servers plus every other `KAFKA_<PROPERTY>` variable."""
-        props = {"bootstrap.servers": self.kafka_bootstrap_servers}
-        for name, value in os.environ.items():
-            upper = name.upper()
-            if upper.startswith("KAFKA_") and upper not in _OWN_KAFKA_VARS:
-                props[upper[len("KAFKA_") :].lower().replace("_", ".")] = value
-        return props
+    def with_settings(self, **changes: Any) -> Config:
+        """The same configuration with some core settings changed (e.g. `topics create --partitions`)."""
+        return Config(self.sources, self.settings.model_copy(update=changes), self.kafka)
+
+    def sink(self) -> SinkSettings:
+        return SinkSettings.from_sources(self.sources)
+
+    def collector(self) -> CollectorSettings:
+        return CollectorSettings.from_sources(self.sources)
+
+    def destination_config(self, name: str) -> Section:
+        return registry.get(name).config.from_sources(self.sources)
+
+    def destination(self, name: str, *, require_key: bool = True) -> Destination:
+        """The destination `name`, configured; refuses to build one without its credential."""
+        entry = registry.get(name)
+        config = entry.config.from_sources(self.sources)
+        if require_key and not entry.credential(config):
+            raise ConfigError(f"{entry.key_variable} is not set: the {name} sink needs its API key")
+        return entry.make(config)
 
 
-def load_settings(config_file: str | None = None) -> Settings:
-    path = config_file or os.environ.get("SEGMENT_WORKER_CONFIG")
-    if path:
-        return Settings(_env_file=path)  # type: ignore[call-arg]
-    return Settings()
+def load_config(environ: Mapping[str, str], config_file: str | None = None) -> Config:
+    """The CLI's one read of the configuration: `environ` over the dotenv file over defaults."""
+    return Config.from_sources(read_sources(environ, config_file))

@@ -22,17 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.avro_codec import EventCodec
-from worker.config import Settings
-from worker.dead_letters import header_map
+from worker.config import Config
+from worker.dlq.headers import header_map
 from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
-from worker.kafka.producer import produce_and_wait
+from worker.kafka.clients import KafkaClients
+from worker.kafka.reading import assign_all, partitions_of, read_until_quiet
+from worker.names import RAW, sink_role
 from worker.processes import FAST_GROUP_ENV, Role
 from worker.samples import sample_payloads
-from worker.standins.server import KEY_VARIABLES, default_key
+from worker.standins.server import standin_env
 from worker.tail import decode_value
 from worker.topics import create_all
 
@@ -72,30 +74,24 @@ def send_through_collector(base: str, payloads: list[tuple[str, bytes]]) -> None
     _say(f"      a malformed request is refused before anything is written: {status} {answer.decode()}")
 
 
-def read_topics(properties: dict[str, str], topics: list[str], quiet: float = 1.0) -> dict[str, list[Message]]:
-    """Everything on `topics`, read from the beginning until nothing new arrives for `quiet` seconds
-    (counted from the first fetch's answer: assigning and fetching take a moment of their own)."""
-    consumer = Consumer({**properties, "group.id": "segment-demo-reader", "enable.auto.commit": "false"})
-    metadata = consumer.list_topics(timeout=10)
-    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in metadata.topics[t].partitions])
+def read_topics(clients: KafkaClients, topics: list[str], quiet: float = 1.0) -> dict[str, list[Message]]:
+    """Everything on `topics`, read from the beginning until nothing new arrives for `quiet` seconds."""
+    consumer = clients.reader("demo-reader")
     seen: dict[str, list[Message]] = {t: [] for t in topics}
-    last = time.monotonic() + 1.0
     try:
-        while time.monotonic() - last < quiet:
-            for message in consumer.consume(500, 0.1):
-                if message.error() is None:
-                    seen[message.topic()].append(message)
-                    last = time.monotonic()
+        assign_all(consumer, topics)
+        for message in read_until_quiet(consumer, quiet, time.monotonic() + DEADLINE_SECONDS):
+            seen[message.topic()].append(message)
     finally:
         consumer.close()
     return seen
 
 
-def committed_total(properties: dict[str, str], group: str, topic: str) -> int:
+def committed_total(clients: KafkaClients, role: str, topic: str) -> int:
     """Messages a consumer group has committed on a topic (offsets count from 0, nothing is compacted)."""
-    consumer = Consumer({**properties, "group.id": group, "enable.auto.commit": "false"})
+    consumer = clients.consumer(role, {"enable.auto.commit": "false"})
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        partitions = partitions_of(consumer, topic)
         committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
         return sum(max(tp.offset, 0) for tp in committed)
     finally:
@@ -142,17 +138,19 @@ class Stack:
             role.terminate()
 
 
-def run_demo(settings: Settings, keep_running: bool = False) -> int:
+def run_demo(config: Config, tansu_bin: str | None = None, keep_running: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="segment-demo-"))
     port = free_port()
     _say(f"[1/6] starting the embedded broker on 127.0.0.1:{port} (logs in {workdir})")
-    broker = EmbeddedBroker(port, log_path=workdir / "broker.log").start()
-    settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers, "topic_partitions": 3})
-    props = {**settings.kafka_properties, "bootstrap.servers": broker.bootstrap_servers}
+    broker = EmbeddedBroker(port, log_path=workdir / "broker.log", binary=tansu_bin).start()
+    config = Config.from_sources(
+        {**config.sources, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "TOPIC_PARTITIONS": "3"}
+    )
+    settings, names = config.settings, config.names
     stack = Stack(workdir)
     try:
         _say("[2/6] creating topics")
-        create_all(settings)
+        create_all(config)
         standins_port = free_port()
         base = f"http://127.0.0.1:{standins_port}"
         env = {
@@ -161,9 +159,7 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
             "CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
             "DESTINATIONS": ",".join(settings.destinations),
             **FAST_GROUP_ENV,
-            **{f"{d.upper()}_BASE_URL": base for d in KEY_VARIABLES},
-            "RETENO_MOBILE_BASE_URL": base,
-            **{variable: default_key(d) for d, variable in KEY_VARIABLES.items()},
+            **standin_env(base),
         }
         _say(f"[3/6] starting the stand-in destinations on {base}")
         stack.start("standins", ["standins", "--port", str(standins_port)], env)
@@ -173,16 +169,16 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         stack.start("collect", ["collect", "--port", str(collector_port)], {**env, "COLLECTOR_WRITE_KEYS": WRITE_KEY})
         stack.start("normalize", ["normalize"], env)
         for destination in settings.destinations:
-            stack.start(f"sink-{destination}", ["sink", destination], env)
+            stack.start(sink_role(destination), ["sink", destination], env)
         wait_for_port("127.0.0.1", collector_port, 30)
         payloads, good, poison = sample_payloads()
         good_payloads = payloads[: len(payloads) - len(poison)]
         _say(f"[5/6] sending {good} events in {len(good_payloads)} requests through the collector (Segment HTTP API)")
         send_through_collector(f"http://127.0.0.1:{collector_port}", good_payloads)
-        _say(f"      and {len(poison)} poison messages straight to {settings.topic('raw')}, as a Kafka producer would")
-        produce_and_wait(props, settings.topic("raw"), [("poison", p) for p in poison])
+        _say(f"      and {len(poison)} poison messages straight to {names.raw}, as a Kafka producer would")
+        config.kafka.produce_and_wait(names.raw, [("poison", p) for p in poison])
         _say("[6/6] waiting until every sink has committed everything on its topic")
-        ok = _wait_and_report(settings, props, stack, base, good, len(poison))
+        ok = _wait_and_report(config, stack, base, good, len(poison))
         if keep_running:
             _say(
                 "\nthe stack is up. Send more events with any Segment SDK or curl:\n"
@@ -205,17 +201,16 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         broker.stop()
 
 
-def _wait_and_report(
-    settings: Settings, props: dict[str, str], stack: Stack, base: str, good: int, poison: int
-) -> bool:
-    dest_topics = {d: settings.topic(f"dest.{d}") for d in settings.destinations}
+def _wait_and_report(config: Config, stack: Stack, base: str, good: int, poison: int) -> bool:
+    settings, names, clients = config.settings, config.names, config.kafka
+    dest_topics = {d: names.dest(d) for d in settings.destinations}
     deadline = time.monotonic() + DEADLINE_SECONDS
     pending = dict(dest_topics)
     while time.monotonic() < deadline:
         stack.check_alive()
-        topics = read_topics(props, list(dest_topics.values()), quiet=0.3)
+        topics = read_topics(clients, list(dest_topics.values()), quiet=0.3)
         for destination, topic in list(pending.items()):
-            done = committed_total(props, settings.group(f"sink-{destination}"), topic)
+            done = committed_total(clients, sink_role(destination), topic)
             if len(topics[topic]) == good and done == good:
                 _say(f"      {destination}: all {good} events delivered or dead-lettered, offsets committed")
                 del pending[destination]
@@ -227,16 +222,17 @@ def _wait_and_report(
         _say(f"      {destination}: NOT FINISHED within {DEADLINE_SECONDS}s")
 
     codec = EventCodec()
-    dlq_topics = {d: settings.topic(f"dlq.{d}") for d in ["raw", *settings.destinations]}
-    dead = read_topics(props, list(dlq_topics.values()), quiet=0.5)
-    metrics = {name: scrape(port) for name, _role, port in stack.roles if name.startswith("sink-")}
+    dlq_topics = {d: names.dlq(d) for d in [RAW, *settings.destinations]}
+    dead = read_topics(clients, list(dlq_topics.values()), quiet=0.5)
+    sinks = {sink_role(d) for d in settings.destinations}
+    metrics = {name: scrape(port) for name, _role, port in stack.roles if name in sinks}
     _say()
     _say(f"{'destination':12} {'events':>6} {'API items':>12} {'filtered':>8} {'dead letters':>12}")
     for destination in settings.destinations:
         received = _get_json(f"{base}/_standin/{destination}/received")
         filtered = {
             key.split("reason=")[1].rstrip("}"): value
-            for key, value in metrics[f"sink-{destination}"].items()
+            for key, value in metrics[sink_role(destination)].items()
             if key.startswith("segment_worker_filtered_total{") and value
         }
         letters = dead[dlq_topics[destination]]
@@ -253,13 +249,13 @@ def _wait_and_report(
             key, payload = next(iter(received.items()))
             _say(f"\n{destination} received, e.g. (dedupe key {key}):")
             _say(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
-    raw_letters = dead[dlq_topics["raw"]]
-    _say(f"\nsegment.dlq.raw: {len(raw_letters)}/{poison} poison messages dead-lettered by the normaliser")
+    raw_letters = dead[dlq_topics[RAW]]
+    _say(f"\n{names.dlq(RAW)}: {len(raw_letters)}/{poison} poison messages dead-lettered by the normaliser")
     for message in raw_letters:
         headers = header_map(message.headers())
         _say(f"    [{headers.get('error_kind')}] {headers.get('error')}")
     ok &= len(raw_letters) == poison
-    sample = next(iter(read_topics(props, [settings.topic("dest.amplitude")], quiet=0.3).values()), [])
+    sample = next(iter(read_topics(clients, [names.dest(settings.destinations[0])], quiet=0.3).values()), [])
     types = Counter(decode_value(m.value(), codec)["type"] for m in sample)
     _say(f"\nevents by type on the destination topics: {dict(sorted(types.items()))}")
     _say("\nall sample events accounted for" if ok else "\nSOME EVENTS ARE NOT ACCOUNTED FOR")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import base64
 import sys
-import time
-import uuid
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Message
 
 from worker.avro_codec import MAGIC, EventCodec, UnknownSchema
-from worker.dead_letters import header_map
+from worker.dlq.headers import header_map
+from worker.kafka.clients import KafkaClients
+from worker.kafka.reading import TopicMissing, assign_all, read_until_quiet
 
 
 def decode_value(value: bytes | None, codec: EventCodec) -> Any:
@@ -46,7 +46,7 @@ def render(message: Message, codec: EventCodec) -> bytes:
 
 
 def tail(
-    properties: dict[str, str],
+    clients: KafkaClients,
     topic: str,
     from_beginning: bool,
     limit: int | None,
@@ -55,31 +55,21 @@ def tail(
 ) -> int:
     """Print messages until `limit` are printed or nothing arrives for `idle_timeout` seconds."""
     out = out or sys.stdout.buffer
-    consumer = Consumer(
-        {
-            **properties,
-            "group.id": f"segment-tail-{uuid.uuid4()}",
-            "enable.auto.commit": "false",
-            "enable.partition.eof": "false",
-        }
-    )
+    consumer = clients.reader("tail")
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            raise SystemExit(f"topic {topic!r} does not exist")
-        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in metadata.topics[topic].partitions])
-        codec, printed, last = EventCodec(), 0, time.monotonic()
-        while limit is None or printed < limit:
-            message = consumer.poll(0.2)
-            if message is None or message.error() is not None:
-                if idle_timeout is not None and time.monotonic() - last > idle_timeout:
-                    break
-                continue
+        try:
+            assign_all(consumer, [topic], OFFSET_BEGINNING if from_beginning else OFFSET_END)
+        except TopicMissing:
+            raise SystemExit(f"topic {topic!r} does not exist") from None
+        codec, printed = EventCodec(), 0
+        for message in read_until_quiet(consumer, idle_timeout, grace=0.0, batch=1):
+            if limit is not None and printed >= limit:
+                break
             out.write(render(message, codec) + b"\n")
             out.flush()
             printed += 1
-            last = time.monotonic()
+            if limit is not None and printed >= limit:
+                break
         return printed
     finally:
         consumer.close()

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from worker.config import ALL_DESTINATIONS, Settings
+from worker.config import Config
+from worker.destinations import registry
 from worker.kafka.admin import TopicSpec, create_topics
+from worker.names import RAW
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    n = settings.topic_partitions
+def topic_specs(config: Config) -> list[TopicSpec]:
+    n, names = config.settings.topic_partitions, config.names
     specs = [
-        TopicSpec(settings.topic("raw"), n, {}),
+        TopicSpec(names.raw, n, {}),
         # Compacted: only the latest userId per anonymousId matters, and every normaliser re-reads it all.
-        TopicSpec(settings.topic("identities"), n, {"cleanup.policy": "compact"}),
-        TopicSpec(settings.topic("dlq.raw"), n, {}),
+        TopicSpec(names.identities, n, {"cleanup.policy": "compact"}),
+        TopicSpec(names.dlq(RAW), n, {}),
     ]
-    for destination in ALL_DESTINATIONS:
-        specs.append(TopicSpec(settings.topic(f"dest.{destination}"), n, {}))
-        specs.append(TopicSpec(settings.topic(f"dlq.{destination}"), n, {}))
+    for destination in registry.names():
+        specs.append(TopicSpec(names.dest(destination), n, {}))
+        specs.append(TopicSpec(names.dlq(destination), n, {}))
     return specs
 
 
-def create_all(settings: Settings) -> dict[str, str]:
-    return create_topics(settings.kafka_properties, topic_specs(settings), settings.topic_replication_factor)
+def create_all(config: Config) -> dict[str, str]:
+    return create_topics(config.kafka.admin(), topic_specs(config), config.settings.topic_replication_factor)

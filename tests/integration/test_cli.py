@@ -36,7 +36,7 @@ def test_topics_create_is_idempotent(broker, prefix):
     assert first.stdout.count("created") == 11 and "exists" not in first.stdout
     again = run(["topics", "create"], env)
     assert again.returncode == 0 and again.stdout.count("exists") == 11
-    counts = partition_counts({"bootstrap.servers": broker.bootstrap_servers})
+    counts = partition_counts(settings.kafka.admin())
     assert counts[f"{prefix}raw"] == 5 and counts[f"{prefix}identities"] == 5
 
 

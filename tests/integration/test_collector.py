@@ -14,7 +14,7 @@ from segment import analytics
 from segment.analytics.request import APIError
 
 from tests.kafka_helpers import read_count, role_env, settings_for, settle, setup_topics
-from worker.config import Settings
+from worker.config import Config
 from worker.kafka.broker import EmbeddedBroker, free_port
 from worker.processes import Role
 
@@ -49,14 +49,14 @@ class CollectorProcess:
 
 
 @pytest.fixture
-def settings(broker: EmbeddedBroker, prefix: str) -> Settings:
+def settings(broker: EmbeddedBroker, prefix: str) -> Config:
     settings = settings_for(broker, prefix, partitions=2)
     setup_topics(settings)
     return settings
 
 
 @pytest.fixture
-def collector(settings: Settings, tmp_path: Path) -> Iterator[CollectorProcess]:
+def collector(settings: Config, tmp_path: Path) -> Iterator[CollectorProcess]:
     running = CollectorProcess(role_env(settings, COLLECTOR_WRITE_KEYS=f"another-key,{KEY}"), tmp_path / "collect.log")
     try:
         yield running
@@ -68,7 +68,7 @@ def sdk_client(collector: CollectorProcess, write_key: str = KEY, **options: obj
     return analytics.Client(write_key=write_key, host=collector.url, sync_mode=True, max_retries=0, **options)
 
 
-def test_segment_sdk_events_land_on_raw_with_server_stamps(collector: CollectorProcess, settings: Settings) -> None:
+def test_segment_sdk_events_land_on_raw_with_server_stamps(collector: CollectorProcess, settings: Config) -> None:
     client = sdk_client(collector)
     sent = [
         client.identify("user-1", {"email": "ada@example.com", "plan": "pro"}),
@@ -106,7 +106,7 @@ def test_segment_sdk_events_land_on_raw_with_server_stamps(collector: CollectorP
     assert any(orjson.loads(m.value())["batch"][0].get("event") == "Zipped" for m in zipped)
 
 
-def test_refused_requests_write_nothing(collector: CollectorProcess, settings: Settings) -> None:
+def test_refused_requests_write_nothing(collector: CollectorProcess, settings: Config) -> None:
     # Wrong key, through the SDK: it reads our error body's `code` and `message`.
     with pytest.raises(APIError) as refused:
         sdk_client(collector, write_key="not-a-key").track("user-1", "Nope")
@@ -134,9 +134,7 @@ def test_refused_requests_write_nothing(collector: CollectorProcess, settings: S
 
 def test_unreachable_broker_gets_503_not_200(broker: EmbeddedBroker, prefix: str, tmp_path: Path) -> None:
     closed_port = free_port()  # nothing listens here
-    unreachable = settings_for(broker, prefix).model_copy(
-        update={"kafka_bootstrap_servers": f"127.0.0.1:{closed_port}"}
-    )
+    unreachable = settings_for(broker, prefix, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port}")
     env = role_env(unreachable, COLLECTOR_WRITE_KEYS=KEY, COLLECTOR_ACK_TIMEOUT_SECONDS="2")
     collector = CollectorProcess(env, tmp_path / "collect-unreachable.log")
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.kafka_helpers import read_count, role_env, settings_for, settle, setup_topics, start_role
 from tests.sink_helpers import start_sink, track_events, write_events
-from worker.dead_letters import Kind, dead_letter_headers, header_map
+from worker.dlq.headers import Kind, dead_letter_headers, header_map
 
 pytestmark = pytest.mark.integration
 
@@ -131,18 +131,16 @@ def test_raw_dead_letters_go_back_to_the_raw_topic_for_the_normaliser(settings):
     headers = dead_letter_headers(
         error="malformed JSON: ...",
         kind=Kind.INVALID,
-        original_topic=settings.topic("raw"),
+        original_topic=settings.names.raw,
         original_partition=0,
         original_offset=7,
         destination="raw",
     )
-    from worker.kafka.producer import Producer
-
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    producer.produce(settings.topic("dlq.raw"), original, "u1", headers=headers)
+    producer = settings.kafka.producer()
+    producer.produce(settings.names.dlq("raw"), original, "u1", headers=headers)
     assert producer.flush(10) == 0
     out = cli(settings, "dlq", "replay", "raw")
-    assert "replayed 1 dead letters" in out.stdout and settings.topic("raw") in out.stdout
+    assert "replayed 1 dead letters" in out.stdout and settings.names.raw in out.stdout
     (message,) = settle(settings, "raw", timeout=2)
     assert message.value() == original and message.key() == b"u1"
-    assert header_map(message.headers())["replayed_from"].startswith(settings.topic("dlq.raw"))
+    assert header_map(message.headers())["replayed_from"].startswith(settings.names.dlq("raw"))

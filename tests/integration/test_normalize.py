@@ -10,7 +10,7 @@ import pytest
 
 from tests.kafka_helpers import produce, read, read_count, settings_for, settle, setup_topics, start_role
 from worker.avro_codec import EventCodec
-from worker.dead_letters import header_map
+from worker.dlq.headers import header_map
 from worker.samples import sample_payloads
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def test_samples_flow_to_every_destination_keyed_and_ordered_per_user(settings, 
     normaliser = start_role(settings, ["normalize"], tmp_path)
     try:
         produce(settings, "raw", payloads)
-        outputs = {d: read_count(settings, f"dest.{d}", good) for d in settings.destinations}
+        outputs = {d: read_count(settings, f"dest.{d}", good) for d in settings.settings.destinations}
         dead = read_count(settings, "dlq.raw", len(poison))
     finally:
         assert normaliser.terminate() == 0
@@ -107,7 +107,7 @@ def test_poison_input_is_dead_lettered_with_a_reason_while_good_events_flow(sett
         message, headers = by_key[f"poison-{name}"]
         assert fragment in headers["error"], (name, headers["error"])
         assert headers["error_kind"] == "invalid" and headers["destination"] == "raw"
-        assert headers["original_topic"] == settings.topic("raw")
+        assert headers["original_topic"] == settings.names.raw
         assert int(headers["original_offset"]) >= 0 and headers["failed_at"].endswith("Z")
         assert message.value() == (POISON[name] or b"")  # original bytes kept for replay
 
@@ -179,13 +179,11 @@ def test_a_second_normaliser_joins_the_group_and_takes_partitions_without_loss(s
 
 
 def test_identity_filled_across_partitions_and_across_a_restart(settings, tmp_path):
-    from worker.kafka.producer import Producer
-
     def write(partition: int, key: str, event: dict) -> None:
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        producer = settings.kafka.producer()
         errors: list = []
         producer.produce(
-            settings.topic("raw"),
+            settings.names.raw,
             orjson.dumps(event),
             key,
             lambda e, _m: errors.append(e) if e else None,
@@ -255,7 +253,7 @@ def test_metrics_and_probes_are_served_and_counters_move(settings, tmp_path):
             time.sleep(0.2)
     finally:
         assert normaliser.terminate() == 0
-    raw, dest, dlq = settings.topic("raw"), settings.topic("dest.amplitude"), settings.topic("dlq.raw")
+    raw, dest, dlq = settings.names.raw, settings.names.dest("amplitude"), settings.names.dlq("raw")
     assert f'segment_worker_consumed_total{{topic="{raw}"}} 51.0' in text
     assert f'segment_worker_produced_total{{topic="{dest}"}} 50.0' in text
     assert f'segment_worker_produced_total{{topic="{dlq}"}} 1.0' in text

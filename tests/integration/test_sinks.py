@@ -11,7 +11,7 @@ import pytest
 from tests.kafka_helpers import read, read_count, settings_for, settle, setup_topics
 from tests.sink_helpers import DESTINATIONS, start_sink, track_events, write_events
 from worker.avro_codec import EventCodec
-from worker.dead_letters import header_map
+from worker.dlq.headers import header_map
 from worker.kafka.broker import free_port
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ def test_one_poison_event_per_batch_is_the_only_dead_letter(settings, standins, 
     for headers in dead.values():
         assert headers["error_kind"] == "permanent" and headers["destination"] == destination
         assert headers["http_status"] == "400" and headers["error"]
-        assert headers["original_topic"] == settings.topic(f"dest.{destination}")
+        assert headers["original_topic"] == settings.names.dest(destination)
 
 
 def test_a_throttled_amplitude_user_delays_only_itself(settings, standins, tmp_path):

@@ -1,8 +1,10 @@
-"""Golden tests: every example in seed 000 (Segment's Amberflo destination), field for field.
+"""Golden tests: every example in Amberflo's Segment destination document (docs/MAPPINGS.md#amberflo),
+field for field.
 
-Each test builds the Segment call the seed shows, maps it, and compares with the seed's curl body
-copied verbatim. Where the seed's own input and output disagree (screen's customerId, identify's
-customer), the input is built to match the output, and a comment says so.
+Each test builds the Segment call the source document shows, maps it, and compares with the source
+document's curl body copied verbatim. Where the source document's own input and output disagree
+(screen's customerId, identify's customer), the input is built to match the output, and a comment
+says so.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ import orjson
 import pytest
 
 from worker.destinations.amberflo import AmberfloConfig, make
-from worker.destinations.base import InvalidEvent, Item, Skip, Verdict
+from worker.destinations.base import Item, Skip, Unmappable, Verdict
 from worker.segment.event import SegmentEvent
 
-SEED_TIMESTAMP = "2021-04-26T14:01:46.909Z"  # = the seed's meterTimeInMillis 1619445706909
+SEED_TIMESTAMP = "2021-04-26T14:01:46.909Z"  # = the source document's meterTimeInMillis 1619445706909
 
 
 def segment(**fields: object) -> SegmentEvent:
     base: dict[str, object] = {
-        "messageId": "messageId",  # the seed writes the placeholder "messageId" as uniqueId
+        "messageId": "messageId",  # the source document writes the placeholder "messageId" as uniqueId
         "anonymousId": "anon-1",
         "timestamp": SEED_TIMESTAMP,
         "properties": {},
@@ -76,7 +78,7 @@ def test_page_matches_seed_example() -> None:
 
 
 def test_screen_matches_seed_example() -> None:
-    # The seed's call has userId "some_user_id" but its payload says "segmentUserId"; we reproduce
+    # The source document's call has userId "some_user_id" but its payload says "segmentUserId"; we reproduce
     # the payload, so the input carries the payload's id.
     event = segment(type="screen", userId="segmentUserId", name="Home", properties={"title": "Welcome | Initech"})
     seed_body = {
@@ -108,7 +110,7 @@ def test_track_matches_seed_example() -> None:
 
 
 def test_identify_matches_seed_example_with_string_traits() -> None:
-    # The seed's payload shows customerId "XXXX-ZZZZZ" and customerName "myCustomerName" (its call
+    # The source document's payload shows customerId "XXXX-ZZZZZ" and customerName "myCustomerName" (its call
     # shows other values), and its email is obfuscated; the input carries the payload's values.
     event = segment(
         type="identify",
@@ -170,12 +172,12 @@ def test_track_value_given_as_numeric_string_is_a_number() -> None:
 
 @pytest.mark.parametrize("value", ["lots", True, {"n": 1}])
 def test_track_value_that_is_not_a_number_is_invalid(value: object) -> None:
-    with pytest.raises(InvalidEvent, match=r"properties\.value"):
+    with pytest.raises(Unmappable, match=r"properties\.value"):
         only_item(segment(type="track", event="X", properties={"value": value}))
 
 
 def test_track_without_event_name_is_invalid() -> None:
-    with pytest.raises(InvalidEvent):
+    with pytest.raises(Unmappable):
         only_item(segment(type="track"))
 
 
@@ -239,22 +241,23 @@ def test_classify_rejected_key_retries_instead_of_dead_lettering() -> None:
     assert classify(403, 1, endpoint="customers").default.verdict is Verdict.RETRY
 
 
-def test_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AMBERFLO_API_KEY", "env-key")
-    monkeypatch.setenv("AMBERFLO_BASE_URL", "http://127.0.0.1:1")
-    config = AmberfloConfig()
+def test_config_from_environment() -> None:
+    env: dict[str, str] = {}
+    env["AMBERFLO_API_KEY"] = "env-key"
+    env["AMBERFLO_BASE_URL"] = "http://127.0.0.1:1"
+    config = AmberfloConfig.from_sources(env)
     assert config.api_key is not None and config.api_key.get_secret_value() == "env-key"
     assert config.base_url == "http://127.0.0.1:1"
     assert "env-key" not in repr(config)
 
 
-def test_default_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AMBERFLO_BASE_URL", raising=False)
-    assert AmberfloConfig().base_url == "https://app.amberflo.io"
+def test_default_base_url() -> None:
+    env: dict[str, str] = {}
+    assert AmberfloConfig.from_sources(env).base_url == "https://app.amberflo.io"
 
 
 def test_event_without_message_id_is_invalid_rather_than_sent_without_a_dedupe_key() -> None:
     event = segment(type="track", event="A")
     del event["messageId"]
-    with pytest.raises(InvalidEvent, match="messageId"):
+    with pytest.raises(Unmappable, match="messageId"):
         only_item(event)

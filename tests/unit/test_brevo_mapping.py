@@ -1,7 +1,7 @@
 """Golden tests for the Brevo mapping: events, contact upserts, skips, and response classification.
 
 Expected payloads follow Brevo's API reference (POST /v3/events, POST /v3/contacts) and the
-event/property mapping tables of seed 003.
+event/property mapping tables in docs/MAPPINGS.md#brevo.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.destinations.base import InvalidEvent, Item, Skip, Verdict
+from worker.destinations.base import Item, Skip, Unmappable, Verdict
 from worker.destinations.brevo import (
     CONTACTS,
     DEFAULT_ATTRIBUTE_MAP,
@@ -136,7 +136,7 @@ def test_track_without_email_or_user_id_is_skipped_with_a_reason():
 
 
 def test_track_whose_name_has_nothing_brevo_accepts_is_invalid():
-    with pytest.raises(InvalidEvent, match="event_name"):
+    with pytest.raises(Unmappable, match="event_name"):
         make(BrevoConfig()).map_event(track(event="!!!"))
 
 
@@ -324,17 +324,19 @@ def test_config_defaults_follow_seed_003():
 
 
 @pytest.mark.parametrize("raw", ["10,11", "[10, 11]", " 10 , 11 "])
-def test_config_reads_list_ids_as_csv_or_json(monkeypatch, raw):
-    monkeypatch.setenv("BREVO_LIST_IDS", raw)
+def test_config_reads_list_ids_as_csv_or_json(raw):
+    env: dict[str, str] = {}
+    env["BREVO_LIST_IDS"] = raw
 
-    assert BrevoConfig().list_ids == [10, 11]
+    assert BrevoConfig.from_sources(env).list_ids == [10, 11]
 
 
-def test_config_reads_api_key_and_attribute_map_from_env(monkeypatch):
-    monkeypatch.setenv("BREVO_API_KEY", "xkeysib-abc")
-    monkeypatch.setenv("BREVO_ATTRIBUTE_MAP", '{"plan": "PLAN"}')
+def test_config_reads_api_key_and_attribute_map_from_env():
+    env: dict[str, str] = {}
+    env["BREVO_API_KEY"] = "xkeysib-abc"
+    env["BREVO_ATTRIBUTE_MAP"] = '{"plan": "PLAN"}'
 
-    config = BrevoConfig()
+    config = BrevoConfig.from_sources(env)
 
     assert config.api_key is not None and config.api_key.get_secret_value() == "xkeysib-abc"
     assert config.attribute_map == {"plan": "PLAN"}

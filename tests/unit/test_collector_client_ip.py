@@ -6,6 +6,7 @@ import pytest
 
 from worker.collector.client_ip import TrustedProxies, client_ip, parse_address
 from worker.collector.settings import DEFAULT_TRUSTED_PROXIES, CollectorSettings
+from worker.config_loader import ConfigError
 
 LOOPBACK = TrustedProxies(DEFAULT_TRUSTED_PROXIES)
 PROXIES = TrustedProxies(["10.0.0.0/8", "127.0.0.1/32"])
@@ -62,17 +63,14 @@ def test_parse_address(text: str, expected: str | None) -> None:
     assert (str(parsed) if parsed else None) == expected
 
 
-def test_trusted_proxies_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLLECTOR_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1")
-    monkeypatch.setenv("COLLECTOR_MAX_BODY_BYTES", "2048")
-    settings = CollectorSettings()
+def test_trusted_proxies_setting() -> None:
+    sources = {"COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.1", "COLLECTOR_MAX_BODY_BYTES": "2048"}
+    settings = CollectorSettings.from_sources(sources)
     assert settings.trusted_proxies == ["10.0.0.0/8", "192.168.1.1"]
     assert settings.max_body_bytes == 2048
-    monkeypatch.delenv("COLLECTOR_TRUSTED_PROXIES")
-    assert CollectorSettings().trusted_proxies == ["127.0.0.0/8", "::1/128"]  # loopback only by default
+    assert CollectorSettings.from_sources({}).trusted_proxies == ["127.0.0.0/8", "::1/128"]  # loopback only
 
 
-def test_a_typo_in_trusted_proxies_stops_startup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLLECTOR_TRUSTED_PROXIES", "10.0.0.0/33")
-    with pytest.raises(ValueError):
-        CollectorSettings()
+def test_a_typo_in_trusted_proxies_stops_startup() -> None:
+    with pytest.raises(ConfigError, match=r"COLLECTOR_TRUSTED_PROXIES=10\.0\.0\.0/33"):
+        CollectorSettings.from_sources({"COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/33"})

@@ -15,27 +15,31 @@ from tests.kafka_helpers import read_count, settings_for, settle, setup_topics
 from worker.collector.payloads import EVENT_TYPES
 from worker.collector.server import CollectorThread
 from worker.collector.settings import CollectorSettings
-from worker.config import Settings
+from worker.config import Config
 from worker.kafka.broker import EmbeddedBroker, free_port
 
 KEY = "wk_test_1"
 OTHER_KEY = "wk_test_2"
 
 
+def collector_settings(**values: object) -> CollectorSettings:
+    return CollectorSettings(write_keys=[KEY, OTHER_KEY], **values)  # type: ignore[arg-type]
+
+
 @pytest.fixture
-def settings(broker: EmbeddedBroker, prefix: str) -> Settings:
-    settings = settings_for(broker, prefix, partitions=1, collector_write_keys=[KEY, OTHER_KEY])
+def settings(broker: EmbeddedBroker, prefix: str) -> Config:
+    settings = settings_for(broker, prefix, partitions=1)
     setup_topics(settings)
     return settings
 
 
 @pytest.fixture
-def collector(settings: Settings) -> Iterator[CollectorThread]:
-    with CollectorThread(settings, CollectorSettings(ack_timeout_seconds=5)) as running:
+def collector(settings: Config) -> Iterator[CollectorThread]:
+    with CollectorThread(settings, collector_settings(ack_timeout_seconds=5)) as running:
         yield running
 
 
-def events_on_raw(settings: Settings, count: int) -> list[dict]:
+def events_on_raw(settings: Config, count: int) -> list[dict]:
     return [orjson.loads(m.value()) for m in read_count(settings, "raw", count, timeout=20)]
 
 
@@ -43,7 +47,7 @@ def basic(key: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
 
 
-def test_write_key_by_basic_auth_header_query_and_body(collector: CollectorThread, settings: Settings) -> None:
+def test_write_key_by_basic_auth_header_query_and_body(collector: CollectorThread, settings: Config) -> None:
     event = {"userId": "u1", "event": "Signed Up"}
     url = f"{collector.url}/v1/track"
     answers = [
@@ -61,7 +65,7 @@ def test_write_key_by_basic_auth_header_query_and_body(collector: CollectorThrea
     assert not any(KEY.encode() in m.value() for m in stored)  # the key never reaches Kafka
 
 
-def test_unknown_or_missing_key_is_401_and_writes_nothing(collector: CollectorThread, settings: Settings) -> None:
+def test_unknown_or_missing_key_is_401_and_writes_nothing(collector: CollectorThread, settings: Config) -> None:
     event = {"userId": "u1", "event": "E"}
     url = f"{collector.url}/v1/track"
     answers = [
@@ -83,7 +87,7 @@ def test_unknown_or_missing_key_is_401_and_writes_nothing(collector: CollectorTh
 
 
 @pytest.mark.parametrize("event_type", EVENT_TYPES)
-def test_typed_endpoints_set_type(collector: CollectorThread, settings: Settings, event_type: str) -> None:
+def test_typed_endpoints_set_type(collector: CollectorThread, settings: Config, event_type: str) -> None:
     answer = requests.post(
         f"{collector.url}/v1/{event_type}", json={"type": "bogus", "anonymousId": "a1"}, headers=basic(KEY)
     )
@@ -92,7 +96,7 @@ def test_typed_endpoints_set_type(collector: CollectorThread, settings: Settings
     assert event["type"] == event_type
 
 
-def test_batch_and_import_stamp_every_item(collector: CollectorThread, settings: Settings) -> None:
+def test_batch_and_import_stamp_every_item(collector: CollectorThread, settings: Config) -> None:
     batch = {"batch": [{"type": "track", "userId": "u1", "event": "A"}, {"type": "page", "userId": "u1"}]}
     for path in ("/v1/batch", "/v1/import"):
         assert requests.post(collector.url + path, json=batch, headers=basic(KEY)).json() == {"success": True}
@@ -102,7 +106,7 @@ def test_batch_and_import_stamp_every_item(collector: CollectorThread, settings:
         assert all(item["receivedAt"].endswith("Z") for item in envelope["batch"])
 
 
-def test_concurrent_requests_each_write_exactly_one_message(collector: CollectorThread, settings: Settings) -> None:
+def test_concurrent_requests_each_write_exactly_one_message(collector: CollectorThread, settings: Config) -> None:
     def send(n: int) -> int:
         event = {"userId": f"user-{n % 5}", "event": "E", "properties": {"n": n}}
         return requests.post(f"{collector.url}/v1/track", json=event, headers=basic(KEY), timeout=30).status_code
@@ -114,7 +118,7 @@ def test_concurrent_requests_each_write_exactly_one_message(collector: Collector
     assert sorted(orjson.loads(m.value())["properties"]["n"] for m in stored) == list(range(80))
 
 
-def test_batch_must_be_a_list(collector: CollectorThread, settings: Settings) -> None:
+def test_batch_must_be_a_list(collector: CollectorThread, settings: Config) -> None:
     answer = requests.post(f"{collector.url}/v1/batch", json={"batch": {"type": "track"}}, headers=basic(KEY))
     assert answer.status_code == 400
     assert answer.json()["code"] == "invalid_request"
@@ -122,7 +126,7 @@ def test_batch_must_be_a_list(collector: CollectorThread, settings: Settings) ->
 
 
 @pytest.mark.parametrize("path", ["/api/v1/segment", "/api/v1/segment/compat"])
-def test_jitsu_endpoints_take_an_event_or_a_batch(collector: CollectorThread, settings: Settings, path: str) -> None:
+def test_jitsu_endpoints_take_an_event_or_a_batch(collector: CollectorThread, settings: Config, path: str) -> None:
     single = requests.post(
         collector.url + path, json={"type": "track", "userId": "u", "event": "E"}, params={"token": KEY}
     )
@@ -134,7 +138,7 @@ def test_jitsu_endpoints_take_an_event_or_a_batch(collector: CollectorThread, se
     assert single_event["type"] == "track" and envelope["batch"][0]["type"] == "identify"
 
 
-def test_gzip_body_is_accepted(collector: CollectorThread, settings: Settings) -> None:
+def test_gzip_body_is_accepted(collector: CollectorThread, settings: Config) -> None:
     body = gzip.compress(orjson.dumps({"userId": "u-gz", "event": "Zipped"}))
     answer = requests.post(f"{collector.url}/v1/track", data=body, headers={**basic(KEY), "Content-Encoding": "gzip"})
     assert answer.status_code == 200
@@ -142,7 +146,7 @@ def test_gzip_body_is_accepted(collector: CollectorThread, settings: Settings) -
     assert event["event"] == "Zipped"
 
 
-def test_gzip_bomb_is_refused_and_writes_nothing(collector: CollectorThread, settings: Settings) -> None:
+def test_gzip_bomb_is_refused_and_writes_nothing(collector: CollectorThread, settings: Config) -> None:
     bomb = gzip.compress(b'{"batch": [' + b" " * (100 * 1024 * 1024) + b"]}", compresslevel=9)
     answer = requests.post(f"{collector.url}/v1/batch", data=bomb, headers={**basic(KEY), "Content-Encoding": "gzip"})
     assert answer.status_code == 400
@@ -150,8 +154,8 @@ def test_gzip_bomb_is_refused_and_writes_nothing(collector: CollectorThread, set
     assert settle(settings, "raw", timeout=2) == []
 
 
-def test_size_limits(settings: Settings) -> None:
-    with CollectorThread(settings, CollectorSettings(max_body_bytes=600 * 1024)) as collector:
+def test_size_limits(settings: Config) -> None:
+    with CollectorThread(settings, collector_settings(max_body_bytes=600 * 1024)) as collector:
         big_event = {"userId": "u", "event": "E", "properties": {"p": "x" * 33 * 1024}}
         event_answer = requests.post(f"{collector.url}/v1/track", json=big_event, headers=basic(KEY))
         items = [{"type": "track", "userId": "u", "event": "E", "properties": {"p": "x" * 30_000}}] * 18
@@ -166,12 +170,12 @@ def test_size_limits(settings: Settings) -> None:
     assert settle(settings, "raw", timeout=2) == []
 
 
-def test_forwarded_for_is_believed_from_a_trusted_peer_only(settings: Settings) -> None:
+def test_forwarded_for_is_believed_from_a_trusted_peer_only(settings: Config) -> None:
     forwarded = {"X-Forwarded-For": "198.51.100.7, 127.0.0.1", **basic(KEY)}
-    with CollectorThread(settings, CollectorSettings()) as trusting:  # loopback peers are trusted by default
+    with CollectorThread(settings, collector_settings()) as trusting:  # loopback peers are trusted by default
         assert requests.post(f"{trusting.url}/v1/track", json={"userId": "t", "event": "E"}, headers=forwarded).ok
         [trusted_event] = events_on_raw(settings, 1)
-    with CollectorThread(settings, CollectorSettings(trusted_proxies=["10.0.0.0/8"])) as distrusting:
+    with CollectorThread(settings, collector_settings(trusted_proxies=["10.0.0.0/8"])) as distrusting:
         assert requests.post(f"{distrusting.url}/v1/track", json={"userId": "d", "event": "E"}, headers=forwarded).ok
         events = events_on_raw(settings, 2)
     assert trusted_event["context"]["ip"] == "198.51.100.7"
@@ -193,9 +197,9 @@ def test_recovers_after_the_broker_lost_its_state(prefix: str, tmp_path) -> None
     port = free_port()
     broker = EmbeddedBroker(port, log_path=tmp_path / "tansu.log").start()
     try:
-        settings = settings_for(broker, prefix, partitions=1, collector_write_keys=[KEY])
+        settings = settings_for(broker, prefix, partitions=1)
         setup_topics(settings)
-        with CollectorThread(settings, CollectorSettings(ack_timeout_seconds=1)) as collector:
+        with CollectorThread(settings, collector_settings(ack_timeout_seconds=1)) as collector:
 
             def send(n: int) -> int:
                 event = {"userId": "u", "event": "E", "properties": {"n": n}}

@@ -15,7 +15,7 @@ from worker.collector.payloads import (
     key_of,
     received_at_now,
 )
-from worker.collector.responses import Rejected
+from worker.collector.responses import HttpError
 from worker.segment.envelope import MAX_BATCH_BYTES, MAX_EVENT_BYTES, parse
 
 NOW = "2024-05-01T12:00:00.123Z"
@@ -86,7 +86,7 @@ def test_a_batch_context_ip_is_not_overridden_by_the_socket_ip() -> None:
     ],
 )
 def test_batch_shape_is_checked(document: dict, reason: str) -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(HttpError) as caught:
         build_message(document, Shape.BATCH, None, NOW, None)
     assert caught.value.status == 400
     assert reason in caught.value.message
@@ -97,7 +97,7 @@ def test_an_empty_batch_writes_nothing() -> None:
 
 
 def test_a_batch_on_a_typed_endpoint_is_refused() -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(HttpError) as caught:
         build_message({"batch": []}, Shape.EVENT, "track", NOW, None)
     assert caught.value.status == 400
 
@@ -111,7 +111,7 @@ def test_jitsu_endpoint_takes_an_event_or_a_batch() -> None:
 
 def test_event_over_32_kb_after_stamping_is_segments_400() -> None:
     filler = "x" * (MAX_EVENT_BYTES - 60)
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(HttpError) as caught:
         build_message({"userId": "u", "properties": {"p": filler}}, Shape.EVENT, "track", NOW, "1.2.3.4")
     assert caught.value.status == 400
     assert caught.value.message.startswith("Exceed payload limit")
@@ -122,7 +122,7 @@ def test_one_event_over_32_kb_fails_its_whole_batch() -> None:
         {"type": "track", "userId": "u", "event": "E"},
         {"type": "track", "userId": "u", "properties": {"p": "x" * MAX_EVENT_BYTES}},
     ]
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(HttpError) as caught:
         build_message({"batch": items}, Shape.BATCH, None, NOW, None)
     assert caught.value.status == 400
     assert "batch[1]" in caught.value.message
@@ -131,7 +131,7 @@ def test_one_event_over_32_kb_fails_its_whole_batch() -> None:
 def test_batch_over_500_kb_is_segments_400() -> None:
     items = [{"type": "track", "userId": "u", "event": "E", "properties": {"p": "x" * 30_000}} for _ in range(17)]
     assert len(orjson.dumps({"batch": items})) < MAX_BATCH_BYTES < len(orjson.dumps({"batch": items * 2}))
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(HttpError) as caught:
         build_message({"batch": items * 2}, Shape.BATCH, None, NOW, None)
     assert caught.value.status == 400
     assert caught.value.message.startswith("Exceed payload limit")
@@ -148,7 +148,7 @@ def test_batch_over_500_kb_is_segments_400() -> None:
     ],
 )
 def test_malformed_bodies(body: bytes, status: int, code: str) -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(HttpError) as caught:
         decode_document(body)
     assert (caught.value.status, caught.value.code) == (status, code)
 

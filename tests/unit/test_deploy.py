@@ -24,16 +24,22 @@ import click
 import pytest
 import yaml
 from prometheus_client import REGISTRY
-from pydantic_settings import BaseSettings
 
 import worker
 import worker.metrics
 import worker.sink.delivery  # registers the sink's metrics
 from worker.cli import cli
-from worker.config import ALL_DESTINATIONS, Settings
+from worker.collector.settings import CollectorSettings
+from worker.config import Settings
+from worker.config_loader import CONFIG_FILE_VARIABLE, Section
+from worker.destinations import registry
 from worker.kafka.consumer_loop import ConsumerLoop
+from worker.names import NORMALIZE_ROLE, Names, sink_role
 from worker.sink.settings import SinkSettings
-from worker.standins.server import KEY_VARIABLES, default_key
+from worker.standins.server import default_key
+
+ALL_DESTINATIONS = registry.names()
+KEY_VARIABLES = {entry.name: entry.key_variable for entry in registry.entries()}
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -46,13 +52,14 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 LAG_METRIC = "segment_worker_consumer_lag"
 METRIC_NAME = re.compile(r"\bsegment_worker_[a-z_]+\b")
-# Commands DESIGN.md names that may still be on their way into worker/cli.py.
+# Commands docs/CONTRACT.md#commands names that may still be on their way into worker/cli.py.
 PENDING_COMMANDS = {"collect"}
 
-SINK_ROLES = {f"sink-{d}": d for d in ALL_DESTINATIONS}
-CONSUMER_ROLES = {"normalize", *SINK_ROLES}
+SINK_ROLES = {sink_role(d): d for d in ALL_DESTINATIONS}
+CONSUMER_ROLES = {NORMALIZE_ROLE, *SINK_ROLES}
 WORKER_ROLES = {"collector", *CONSUMER_ROLES}
-DEFAULTS = Settings.model_construct()  # defaults only, whatever the test's environment holds
+DEFAULTS = Settings()  # defaults only, whatever the test's environment holds
+NAMES: Names = DEFAULTS.names
 
 
 def _yaml(path: Path) -> Any:
@@ -73,27 +80,14 @@ def _of_kind(kind: str) -> dict[str, dict[str, Any]]:
 # -- what the code defines -------------------------------------------------------------------------
 
 
-def _settings_classes() -> list[type[BaseSettings]]:
-    classes: list[type[BaseSettings]] = [Settings, SinkSettings]
-    modules = [f"worker.destinations.{d}" for d in ALL_DESTINATIONS] + ["worker.collector.settings"]
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        classes += [
-            obj
-            for obj in vars(module).values()
-            if inspect.isclass(obj) and issubclass(obj, BaseSettings) and obj is not BaseSettings
-        ]
-    return classes
+def _settings_classes() -> list[type[Section]]:
+    return [Settings, SinkSettings, CollectorSettings, *(entry.config for entry in registry.entries())]
 
 
 def known_env_vars() -> set[str]:
-    names = {"SEGMENT_WORKER_CONFIG", *KEY_VARIABLES.values()}
+    names = {CONFIG_FILE_VARIABLE}
     for cls in _settings_classes():
-        prefix = cls.model_config.get("env_prefix", "")
-        names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
+        names |= {cls.variable(field) for field in cls.model_fields}
     return names
 
 
@@ -132,7 +126,7 @@ def exported_metric_names() -> set[str]:
 
 
 class PendingCommand(Exception):
-    """A DESIGN.md command that worker/cli.py does not have yet."""
+    """A command in docs/CONTRACT.md#commands that worker/cli.py does not have yet."""
 
 
 class Pending:
@@ -150,14 +144,14 @@ class Pending:
 
     def skip_if_any(self) -> None:
         for name in sorted(self.names):
-            pytest.skip(f"`segment-worker {name}` is not in worker/cli.py yet (DESIGN.md names it); the rest passed")
+            pytest.skip(f"`segment-worker {name}` is not in worker/cli.py yet (per docs/CONTRACT.md); the rest passed")
 
 
 def parse_or_skip(args: list[str]) -> tuple[list[str], dict[str, Any]]:
     try:
         return parse_invocation(args)
     except PendingCommand as exc:
-        pytest.skip(f"`segment-worker {exc}` is not in worker/cli.py yet (DESIGN.md names it)")
+        pytest.skip(f"`segment-worker {exc}` is not in worker/cli.py yet (per docs/CONTRACT.md)")
 
 
 def parse_invocation(args: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -374,13 +368,11 @@ def test_prometheus_scrapes_every_worker(services: dict[str, dict[str, Any]]) ->
 def _min_grace(role: str) -> float:
     """The drain bound of the role's shutdown path plus commit, flush and leave-group time."""
     if role == "collector":
-        from worker.collector.settings import CollectorSettings
-
         return 2 * CollectorSettings.model_fields["shutdown_timeout_seconds"].default
     if role == "normalize":
         drain = inspect.signature(ConsumerLoop.__init__).parameters["drain_timeout"].default
     else:
-        drain = min(10.0, SinkSettings.model_fields["request_timeout"].default * 2)  # worker/sink/app.py build()
+        drain = min(10.0, SinkSettings.model_fields["request_timeout"].default * 2)  # worker/sink/strategy.py build()
     return drain + 15  # commit (~5 s) + producer flush (5-10 s); the manifests add their margin on top
 
 
@@ -470,8 +462,8 @@ def test_keda_scales_each_consumer_group_on_its_lag() -> None:
     scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in _of_kind("ScaledObject").values()}
     deployments = _deployments()
     expected = {
-        "normalize": (DEFAULTS.group("normalize"), DEFAULTS.topic("raw")),
-        **{r: (DEFAULTS.group(f"sink-{d}"), DEFAULTS.topic(f"dest.{d}")) for r, d in SINK_ROLES.items()},
+        NORMALIZE_ROLE: (NAMES.group(NORMALIZE_ROLE), NAMES.raw),
+        **{r: (NAMES.group(r), NAMES.dest(d)) for r, d in SINK_ROLES.items()},
     }
     assert config["TOPIC_PREFIX"] == DEFAULTS.topic_prefix
     assert config["CONSUMER_GROUP_PREFIX"] == DEFAULTS.consumer_group_prefix

@@ -165,7 +165,7 @@ def test_batch_with_one_bad_event_rejects_only_it(normaliser):
     }
     result = normaliser.process(orjson.dumps(batch), KAFKA_TS)
     assert [r.event["event"] for r in result.routed] == ["A"]
-    assert [(r.batch_index, r.reason.split(":")[0]) for r in result.rejected] == [
+    assert [(r.index, r.reason.split(":")[0]) for r in result.rejected] == [
         (1, "track requires a non-empty `event` name"),
         (2, "not an ISO-8601 timestamp"),
     ]
@@ -176,4 +176,4 @@ def test_batch_with_one_bad_event_rejects_only_it(normaliser):
 def test_a_single_bad_event_is_rejected_with_its_original_bytes(normaliser):
     raw = b'{"type":"track","userId":"u","event":""}'
     result = normaliser.process(raw, KAFKA_TS)
-    assert result.rejected[0].value == raw and result.rejected[0].batch_index is None
+    assert result.rejected[0].value == raw and result.rejected[0].index is None

@@ -13,13 +13,13 @@ def test_only_the_done_prefix_of_batches_is_committable_per_partition():
     second = tracker.track(messages(("t", 0, 12), ("t", 1, 6)))
     third = tracker.track(messages(("t", 0, 13)))
     second.done()
-    assert tracker.committable() == {}  # the first batch is not done, so nothing after it may be committed
+    assert tracker.pop_committable() == {}  # the first batch is not done, so nothing after it may be committed
     first.done()
-    assert tracker.committable() == {("t", 0): 13, ("t", 1): 7}
-    assert tracker.committable() == {}
+    assert tracker.pop_committable() == {("t", 0): 13, ("t", 1): 7}
+    assert tracker.pop_committable() == {}
     assert tracker.pending() == 1
     third.done()
-    assert tracker.committable() == {("t", 0): 14}
+    assert tracker.pop_committable() == {("t", 0): 14}
 
 
 def test_forget_drops_a_partition_and_without_trims_a_batch():
@@ -30,4 +30,4 @@ def test_forget_drops_a_partition_and_without_trims_a_batch():
     assert [m.partition() for m in kept.messages] == [1] and list(kept.tickets) == [("t", 1)]
     assert batch.without({("t", 0), ("t", 1)}) is None
     kept.done()
-    assert tracker.committable() == {("t", 1): 2} and tracker.pending() == 0
+    assert tracker.pop_committable() == {("t", 1): 2} and tracker.pending() == 0

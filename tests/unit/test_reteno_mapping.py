@@ -1,9 +1,10 @@
-"""Golden tests for the Reteno mapping against the example payloads of seed 002.
+"""Golden tests for the Reteno mapping against the example payloads of Reteno's Amplitude integration
+guide (docs/MAPPINGS.md#reteno).
 
-The seed's payloads are FreeMarker templates fed by an Amplitude event (`input`). The tests keep
+The source document's payloads are FreeMarker templates fed by an Amplitude event (`input`). The tests keep
 those templates verbatim, render them with one Amplitude input, and check that the Segment event
-carrying the same facts maps to exactly that JSON. The only additions are the ones DESIGN.md asks
-for (keyValue = messageId on events) and they are spelled out in each expectation.
+carrying the same facts maps to exactly that JSON. The only additions are the ones
+docs/ARCHITECTURE.md#guarantees asks for (keyValue = messageId on events) and they are spelled out in each expectation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.destinations.base import InvalidEvent, Item, Skip, Verdict
+from worker.destinations.base import Item, Skip, Unmappable, Verdict
 from worker.destinations.reteno import (
     CONTACTS,
     DEVICES,
@@ -26,7 +27,8 @@ from worker.destinations.reteno import (
     make,
 )
 
-# --- seed 002, verbatim (the seed's Markdown escapes `\<#if` and `\[` removed) -----------------
+# --- Reteno's templates (docs/MAPPINGS.md#reteno), verbatim -----------------------------------
+# (the source document's Markdown escapes `\<#if` and `\[` removed)
 
 SEED_DEVICE_TEMPLATE = """
 {
@@ -131,7 +133,7 @@ SEED_CONTACT_TEMPLATE = """
 
 SEED_APP_ID = "vcfc4f0e-z891-355b-aea3-107f2f18e6ds"
 
-# One Amplitude event, as the seed's templates see it.
+# One Amplitude event, as the source document's templates see it.
 AMPLITUDE_INPUT: dict[str, Any] = {
     "user_id": "user-42",
     "amplitude_id": 123456789,
@@ -188,7 +190,7 @@ SEGMENT_IDENTIFY: dict[str, Any] = {
     "timestamp": "2024-05-01T12:00:00.000Z",
 }
 
-# The seed's custom field ids, each bound to where a Segment event keeps the same fact.
+# The source document's custom field ids, each bound to where a Segment event keeps the same fact.
 SEED_CONTACT_FIELDS = {
     "userId": 513758,
     "context.locale": 513759,
@@ -209,7 +211,8 @@ SEED_CONTACT_FIELDS = {
 
 
 def render(template: str, data: dict[str, Any]) -> Any:
-    """The FreeMarker subset seed 002 uses: `<#if input.x??>`, `${input.x}`, `!`, `?upper_case`."""
+    """The FreeMarker subset Reteno's templates use (docs/MAPPINGS.md#reteno): `<#if input.x??>`,
+    `${input.x}`, `!`, `?upper_case`."""
 
     def lookup(path: str) -> Any:
         node: Any = data
@@ -239,7 +242,7 @@ def render(template: str, data: dict[str, Any]) -> Any:
 
 
 def render_seed_event(data: dict[str, Any], parameters: list[str]) -> dict[str, Any]:
-    """Seed 002's event template, which loops with `<#list>`, written out by hand:
+    """The event template in docs/MAPPINGS.md#reteno, which loops with `<#list>`, written out by hand:
 
     {"eventTypeKey": "${input.event_type!}",
      "params": [ <#if input.amplitude_id??> {"name": "externalCustomerId", "value": "${input.user_id}"}
@@ -263,7 +266,7 @@ def by_endpoint(items: list[Item]) -> dict[str, Item]:
     return {item.endpoint: item for item in items}
 
 
-# --- golden: the seed's three payloads ---------------------------------------------------------
+# --- golden: the source document's three payloads ----------------------------------------------
 
 
 def test_identify_registers_the_device_exactly_as_the_seed_payload():
@@ -382,7 +385,7 @@ def test_event_type_key_follows_segment_naming_within_the_api_rules(event, key):
 
 
 def test_track_without_a_usable_name_is_invalid():
-    with pytest.raises(InvalidEvent, match="eventTypeKey"):
+    with pytest.raises(Unmappable, match="eventTypeKey"):
         make(RetenoConfig()).map_event(_event(type="track", event="?!", userId="u"))
 
 
@@ -520,12 +523,13 @@ def test_classify_401_is_retried_and_points_at_the_key():
 # --- config -------------------------------------------------------------------------------------
 
 
-def test_config_reads_reteno_variables(monkeypatch):
-    monkeypatch.setenv("RETENO_ACCESS_KEY", "k-1")
-    monkeypatch.setenv("RETENO_BASE_URL", "http://127.0.0.1:9000")
-    monkeypatch.setenv("RETENO_CONTACT_FIELDS", '{"plan": 12, "context.location.city": 13}')
+def test_config_reads_reteno_variables():
+    env: dict[str, str] = {}
+    env["RETENO_ACCESS_KEY"] = "k-1"
+    env["RETENO_BASE_URL"] = "http://127.0.0.1:9000"
+    env["RETENO_CONTACT_FIELDS"] = '{"plan": 12, "context.location.city": 13}'
 
-    config = RetenoConfig()
+    config = RetenoConfig.from_sources(env)
 
     assert config.access_key is not None and config.access_key.get_secret_value() == "k-1"
     assert config.base_url == "http://127.0.0.1:9000"

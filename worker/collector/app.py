@@ -24,7 +24,7 @@ from worker.collector.payloads import EVENT_TYPES, RawMessage, Shape, build_mess
 from worker.collector.responses import (
     JITSU_OK,
     SEGMENT_OK,
-    Rejected,
+    HttpError,
     error_response,
     internal_error,
     json_response,
@@ -33,7 +33,6 @@ from worker.collector.responses import (
 )
 from worker.collector.settings import CollectorSettings
 from worker.collector.writer import RawWriter, WriteFailed
-from worker.config import Settings
 
 log = logs.get(__name__)
 
@@ -86,7 +85,7 @@ class Collector:
                 await self._store(message)
                 metrics.EVENTS.labels(route.path).inc(message.events)
             response = json_response(200, route.ok_body)
-        except Rejected as rejected:
+        except HttpError as rejected:
             log_rejection = log.warning if rejected.status >= 500 else log.debug
             log_rejection("request refused", path=route.path, status=rejected.status, reason=rejected.message)
             response = error_response(rejected)
@@ -105,7 +104,7 @@ class Collector:
         payload = decode_content(wire, request.headers.get("Content-Encoding"), route.shape.payload_limit)
         try:
             document = decode_document(payload)
-        except Rejected:
+        except HttpError:
             if outer_key is None:  # no key anywhere we can read: say no more than that
                 raise unauthorized() from None
             raise
@@ -151,8 +150,8 @@ class Collector:
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector", Collector)
 
 
-def make_app(settings: Settings, collector_settings: CollectorSettings, writer: RawWriter) -> web.Application:
-    write_keys = WriteKeys(key.get_secret_value() for key in settings.collector_write_keys)
+def make_app(collector_settings: CollectorSettings, writer: RawWriter) -> web.Application:
+    write_keys = WriteKeys(key.get_secret_value() for key in collector_settings.write_keys)
     collector = Collector(write_keys, TrustedProxies(collector_settings.trusted_proxies), writer, collector_settings)
     # Bodies are read by `read_wire_body` with the collector's own bound; this is aiohttp's backstop.
     app = web.Application(client_max_size=collector_settings.max_body_bytes + 1)

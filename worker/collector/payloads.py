@@ -135,7 +135,7 @@ def stamp(event: dict[str, Any], received_at: str, ip: str | None) -> None:
 
 
 def key_of(event: dict[str, Any]) -> str | None:
-    """userId, else anonymousId: one person's events stay on one partition (DESIGN.md)."""
+    """userId, else anonymousId: one person's events stay on one partition (docs/ARCHITECTURE.md#message-keys)."""
     for field in ("userId", "anonymousId"):
         value = event.get(field)
         if isinstance(value, str) and value:

@@ -30,12 +30,12 @@ import orjson
 from aiohttp import web
 
 SEGMENT_OK: dict[str, Any] = {"success": True}
-# Jitsu documents `{"status": "ok"}` for /api/v1/segment (seed 004); its clients are Segment SDKs,
+# Jitsu documents `{"status": "ok"}` for /api/v1/segment (docs/MAPPINGS.md#jitsu); its clients are Segment SDKs,
 # which only look at the status code, so either body would do.
 JITSU_OK: dict[str, Any] = {"status": "ok"}
 
 
-class Rejected(Exception):
+class HttpError(Exception):
     """The request is answered with this status and error body; nothing was written."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
@@ -46,44 +46,44 @@ class Rejected(Exception):
         self.headers = headers or {}
 
 
-def unauthorized() -> Rejected:
+def unauthorized() -> HttpError:
     # Never echo the key back: the body says only that it was missing or unknown.
-    return Rejected(401, "unauthorized", "missing or unknown write key")
+    return HttpError(401, "unauthorized", "missing or unknown write key")
 
 
-def malformed(message: str) -> Rejected:
-    return Rejected(400, "invalid_request", message)
+def malformed(message: str) -> HttpError:
+    return HttpError(400, "invalid_request", message)
 
 
-def invalid_json(detail: str) -> Rejected:
-    return Rejected(400, "invalid_json", f"Invalid JSON: {detail}")
+def invalid_json(detail: str) -> HttpError:
+    return HttpError(400, "invalid_json", f"Invalid JSON: {detail}")
 
 
-def exceeds_payload_limit(detail: str) -> Rejected:
-    return Rejected(400, "payload_too_large", f"Exceed payload limit: {detail}")
+def exceeds_payload_limit(detail: str) -> HttpError:
+    return HttpError(400, "payload_too_large", f"Exceed payload limit: {detail}")
 
 
-def body_too_large(limit: int) -> Rejected:
-    return Rejected(413, "request_too_large", f"request body is larger than {limit} bytes")
+def body_too_large(limit: int) -> HttpError:
+    return HttpError(413, "request_too_large", f"request body is larger than {limit} bytes")
 
 
-def unsupported_encoding(encoding: str) -> Rejected:
-    return Rejected(415, "unsupported_encoding", f"Content-Encoding {encoding[:40]!r} is not supported; use gzip")
+def unsupported_encoding(encoding: str) -> HttpError:
+    return HttpError(415, "unsupported_encoding", f"Content-Encoding {encoding[:40]!r} is not supported; use gzip")
 
 
-def unavailable(message: str) -> Rejected:
+def unavailable(message: str) -> HttpError:
     # No Retry-After: Segment SDKs then retry with their own exponential backoff.
-    return Rejected(503, "unavailable", f"{message}; retry")
+    return HttpError(503, "unavailable", f"{message}; retry")
 
 
-def internal_error() -> Rejected:
-    return Rejected(500, "internal_error", "unexpected error; retry")
+def internal_error() -> HttpError:
+    return HttpError(500, "internal_error", "unexpected error; retry")
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
-def error_response(rejected: Rejected) -> web.Response:
+def error_response(rejected: HttpError) -> web.Response:
     body = {"success": False, "code": rejected.code, "message": rejected.message}
     return json_response(rejected.status, body, rejected.headers)

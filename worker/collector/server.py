@@ -14,15 +14,16 @@ from aiohttp import web
 
 from worker import logs
 from worker.collector.app import COLLECTOR, make_app, make_runner
-from worker.collector.settings import CollectorSettings, load_collector_settings
+from worker.collector.settings import CollectorSettings
 from worker.collector.writer import RawWriter
-from worker.config import Settings
+from worker.config import Config
+from worker.config_loader import ConfigError
 
 log = logs.get(__name__)
 
 
 async def run(
-    settings: Settings,
+    config: Config,
     collector_settings: CollectorSettings,
     host: str,
     port: int,
@@ -30,9 +31,9 @@ async def run(
     on_listening: Callable[[int], None] | None = None,
 ) -> int:
     """Serve until `stop` is set. Returns how many messages were still unflushed at the end."""
-    writer = RawWriter(settings.kafka_properties, settings.topic("raw"), collector_settings.ack_timeout_seconds)
+    writer = RawWriter(config.kafka, config.names.raw, collector_settings.ack_timeout_seconds)
     writer.start()
-    app = make_app(settings, collector_settings, writer)
+    app = make_app(collector_settings, writer)
     runner = make_runner(app, collector_settings)
     await runner.setup()
     try:
@@ -53,36 +54,41 @@ async def run(
     return remaining
 
 
-def serve_forever(settings: Settings, host: str, port: int) -> None:
+def checked_settings(config: Config) -> CollectorSettings:
+    """The collector's settings, refusing to start without a write key (every request would get 401:
+    better to say so at once than to look healthy)."""
+    collector_settings = config.collector()
+    if not collector_settings.write_keys:
+        raise ConfigError(f"{CollectorSettings.variable('write_keys')} is empty; the collector needs a write key")
+    return collector_settings
+
+
+def serve_forever(config: Config, collector_settings: CollectorSettings, host: str, port: int) -> None:
     """`segment-worker collect`: serve until SIGTERM/SIGINT, flush the producer, return (exit 0)."""
-    collector_settings = load_collector_settings()
-    if not settings.collector_write_keys:
-        # Every request would get 401: better to say so at once than to look healthy.
-        raise SystemExit("COLLECTOR_WRITE_KEYS is empty; the collector needs at least one accepted write key")
-    asyncio.run(_serve_until_signalled(settings, collector_settings, host, port))
+    asyncio.run(_serve_until_signalled(config, collector_settings, host, port))
 
 
 async def _serve_until_signalled(
-    settings: Settings, collector_settings: CollectorSettings, host: str, port: int
+    config: Config, collector_settings: CollectorSettings, host: str, port: int
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await run(settings, collector_settings, host, port, stop)
+    await run(config, collector_settings, host, port, stop)
 
 
 class CollectorThread:
     """The collector on a background thread with its own event loop, on `port` (0: any free one).
 
-    with CollectorThread(settings, CollectorSettings()) as collector:
+    with CollectorThread(config, CollectorSettings(write_keys=["k"])) as collector:
         requests.post(f"{collector.url}/v1/track", ...)
     """
 
     def __init__(
-        self, settings: Settings, collector_settings: CollectorSettings, host: str = "127.0.0.1", port: int = 0
+        self, config: Config, collector_settings: CollectorSettings, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.collector_settings = collector_settings
         self.host = host
         self.port = port
@@ -123,7 +129,7 @@ class CollectorThread:
             self.port = port
             self._listening.set()
 
-        await run(self.settings, self.collector_settings, self.host, self.port, self._stop, listening)
+        await run(self.config, self.collector_settings, self.host, self.port, self._stop, listening)
 
     def __enter__(self) -> CollectorThread:
         return self.start()

@@ -1,21 +1,24 @@
-"""Collector knobs (`COLLECTOR_*`). The accepted write keys are the shared `Settings.collector_write_keys`
-(COLLECTOR_WRITE_KEYS), so every role reads them from one place."""
+"""Collector knobs (`COLLECTOR_*`), the accepted write keys among them."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
-from typing import Annotated
+from typing import Annotated, ClassVar
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
+
+from worker.config_loader import Section, split_csv
 
 # Loopback only: behind a proxy, operators name its addresses; nobody else may claim a client IP.
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
 
 
-class CollectorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="COLLECTOR_", extra="ignore", case_sensitive=False)
+class CollectorSettings(Section):
+    env_prefix: ClassVar[str] = "COLLECTOR_"
+
+    # Accepted write keys (comma-separated). A collector with none would answer every request 401.
+    write_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     # Peers whose X-Forwarded-For / X-Real-IP headers are believed (CIDRs, comma-separated).
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_PROXIES))
@@ -31,20 +34,16 @@ class CollectorSettings(BaseSettings):
     # On SIGTERM: how long in-flight requests may take to finish, then how long the producer may flush.
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0)
 
+    @field_validator("write_keys", mode="before")
+    @classmethod
+    def _parse_write_keys(cls, value: object) -> object:
+        return split_csv(value)
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _parse_cidrs(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+        value = split_csv(value)
         if isinstance(value, list):
             for cidr in value:
                 ipaddress.ip_network(cidr, strict=False)  # raises ValueError: a typo must not start
         return value
-
-
-def load_collector_settings(config_file: str | None = None) -> CollectorSettings:
-    """Environment first, then the same dotenv file the shared Settings read (`SEGMENT_WORKER_CONFIG`)."""
-    path = config_file or os.environ.get("SEGMENT_WORKER_CONFIG")
-    if path:
-        return CollectorSettings(_env_file=path)  # type: ignore[call-arg]
-    return CollectorSettings()

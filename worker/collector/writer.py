@@ -19,6 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient
 
 from worker import logs
+from worker.kafka.clients import KafkaClients
 from worker.kafka.producer import Producer
 
 log = logs.get(__name__)
@@ -35,12 +36,12 @@ class WriteFailed(Exception):
 
 
 class RawWriter:
-    def __init__(self, properties: dict[str, str], topic: str, ack_timeout: float) -> None:
+    def __init__(self, clients: KafkaClients, topic: str, ack_timeout: float) -> None:
         self.topic = topic
         self.ack_timeout = ack_timeout
-        self._properties = properties
+        self._clients = clients
         self._overrides = {"message.timeout.ms": str(max(1, int(ack_timeout * 1000)))}
-        self._producer = Producer(properties, self._overrides)
+        self._producer = clients.producer(self._overrides)
         self._retired: list[tuple[Producer, float]] = []  # replaced producers (and when), polled a while
         self._needs_new_producer = False
         self._failures_in_a_row = 0
@@ -110,12 +111,12 @@ class RawWriter:
         # The poll thread keeps serving the old one until its queued messages have reported
         # (they fail within message.timeout.ms), so their requests still get their answer.
         self._retired.append((self._producer, time.monotonic()))
-        self._producer = Producer(self._properties, self._overrides)
+        self._producer = self._clients.producer(self._overrides)
 
     def topic_available(self, timeout: float) -> bool:
         """Whether the broker answers metadata for our topic now (readiness). Blocking: call off the loop."""
         if self._admin is None:
-            self._admin = AdminClient(self._properties)
+            self._admin = self._clients.admin()
         try:
             metadata = self._admin.list_topics(self.topic, timeout=timeout)
         except KafkaException:

@@ -1,6 +1,6 @@
 """Amberflo: page/screen/track -> meter records (`POST /ingest`), identify -> customer (`PUT /customers`).
 
-The mapping follows Segment's Amberflo destination (../shared/seeds/000, from
+The mapping follows Segment's Amberflo destination (docs/MAPPINGS.md#amberflo, from
 https://segment.com/catalog/integrations/amberflo/) field for field:
 
 | Segment | meter record |
@@ -12,44 +12,44 @@ https://segment.com/catalog/integrations/amberflo/) field for field:
 | track: properties.value, else 1; page/screen: 1 | meterValue |
 | properties (track: without `value`); page/screen `name` as dimensions.name | dimensions |
 
-identify (skipped without userId, as the seed says): userId -> customerId, traits.name ->
+identify (skipped without userId, as the document says): userId -> customerId, traits.name ->
 customerName, traits.email -> customerEmail, the other traits -> traits.
 
-Every example payload in the seed shows dimension and trait values with `/` and `|` replaced by `_`
+Every example payload in the document shows dimension and trait values with `/` and `|` replaced by `_`
 ("https://google.com" -> "https:__google.com", "Welcome | Initech" -> "Welcome _ Initech"); we do
 the same so our records match what Amberflo's own Segment integration sends.
 
-Where the seed and Amberflo's API reference disagree, the reference wins:
+Where the document and Amberflo's API reference disagree, the reference wins:
 - dimensions and customer traits are `dictionary<string,string>`
   (https://docs.amberflo.io/docs/create-customers2, https://docs.amberflo.io/reference/post_ingest and
   the official SDK's `require_string_dictionary`, github.com/amberflo/metering-python
-  metering/ingest/api_client.py), so the seed's `"logins": 5` trait is sent as `"5"`;
+  metering/ingest/api_client.py), so the document's `"logins": 5` trait is sent as `"5"`;
 - `customerName` is required by the API; an identify without traits.name uses the userId as name.
 
 Batching: the official Python SDK sends ingest batches of 100 records (metering-python
 metering/ingest/consumer.py, `batch_size=100`), so one request carries at most 100 records. The
 customer endpoint takes one customer per request (the body is the customer itself).
 Note: the official SDKs post meters to https://ingest.amberflo.io/ingest; app.amberflo.io/ingest (the
-seed's URL and our default AMBERFLO_BASE_URL) is the older host for the same API.
+document's URL and our default AMBERFLO_BASE_URL) is the older host for the same API.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.config_loader import Section
 from worker.destinations.base import (
     Endpoint,
-    InvalidEvent,
     Item,
     ItemResult,
     Outcome,
     Request,
     Skip,
+    Unmappable,
     Verdict,
     classify_status,
 )
@@ -64,8 +64,8 @@ MAX_RECORDS_PER_INGEST = 100
 _VALUE_SANITISER = str.maketrans({"/": "_", "|": "_"})
 
 
-class AmberfloConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AMBERFLO_", extra="ignore", case_sensitive=False)
+class AmberfloConfig(Section):
+    env_prefix: ClassVar[str] = "AMBERFLO_"
 
     api_key: SecretStr | None = None
     base_url: str = "https://app.amberflo.io"
@@ -141,7 +141,7 @@ def make(config: AmberfloConfig | None = None) -> AmberfloDestination:
 def _track_record(event: SegmentEvent) -> dict[str, Any]:
     name = event.get("event")
     if not name:
-        raise InvalidEvent("track without an event name")
+        raise Unmappable("track without an event name")
     properties = dict(event.get("properties") or {})
     value = properties.pop("value", None)
     return _record(event, name, _meter_value(value), _dimensions(properties))
@@ -207,14 +207,14 @@ def _message_id(event: SegmentEvent) -> str:
     """The uniqueId Amberflo dedupes by; the normaliser always fills messageId, so absence is a bug."""
     message_id = event.get("messageId")
     if not message_id:
-        raise InvalidEvent("missing messageId (the uniqueId)")
+        raise Unmappable("missing messageId (the uniqueId)")
     return str(message_id)
 
 
 def _customer_id(event: SegmentEvent) -> str:
     customer_id = event.get("userId") or event.get("anonymousId")
     if not customer_id:
-        raise InvalidEvent("neither userId nor anonymousId")
+        raise Unmappable("neither userId nor anonymousId")
     return customer_id
 
 
@@ -222,7 +222,7 @@ def _time(event: SegmentEvent) -> int:
     try:
         return millis_of(event.get("timestamp", ""))
     except InvalidTimestamp as exc:
-        raise InvalidEvent(f"timestamp: {exc}") from None
+        raise Unmappable(f"timestamp: {exc}") from None
 
 
 def _meter_value(value: object) -> float:
@@ -230,7 +230,7 @@ def _meter_value(value: object) -> float:
     if value is None:
         return 1.0
     if isinstance(value, bool):
-        raise InvalidEvent("properties.value must be a number, got a boolean")
+        raise Unmappable("properties.value must be a number, got a boolean")
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
@@ -238,7 +238,7 @@ def _meter_value(value: object) -> float:
             return float(value)
         except ValueError:
             pass
-    raise InvalidEvent(f"properties.value must be a number, got {str(value)[:40]!r}")
+    raise Unmappable(f"properties.value must be a number, got {str(value)[:40]!r}")
 
 
 def _dimensions(properties: Mapping[str, Any]) -> dict[str, str]:

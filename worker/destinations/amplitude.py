@@ -21,9 +21,10 @@ Response bodies this module classifies (all indexes point into the request's `ev
   "throttled_devices":{"d":31},"throttled_users":{"u":31},"exceeded_daily_quota_users":{...},
   "exceeded_daily_quota_devices":{...},"throttled_events":[3,4]}`; pause those users/devices ~30 s.
 
-Where the seed (../shared/seeds/003) and the reference differ, the reference wins: the seed's
-"2,000 events / 20 MB per request" are the Batch API's limits, not HTTP V2's (< 1 MB, < 2000 events;
-we send at most 1000, as the brief and the seed's own best practices say).
+Where the Amplitude connector document (docs/MAPPINGS.md#amplitude) and the reference differ, the
+reference wins: the document's "2,000 events / 20 MB per request" are the Batch API's limits, not
+HTTP V2's (< 1 MB, < 2000 events; we send at most 1000, as the connector document's own best
+practices say (docs/MAPPINGS.md#amplitude)).
 
 Minimum id length: Amplitude rejects a `user_id`/`device_id` shorter than `min_id_length` (default 5)
 with `events_with_invalid_id_lengths`. We never drop or pad short ids here: the API decides, the
@@ -34,20 +35,20 @@ event is dead-lettered with a reason naming the field, and operators who use sho
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
 
+from worker.config_loader import Section
 from worker.destinations.base import (
     Endpoint,
-    InvalidEvent,
     Item,
     ItemResult,
     Outcome,
     Request,
     Skip,
+    Unmappable,
     Verdict,
     classify_status,
     parse_retry_after,
@@ -83,17 +84,18 @@ _CONTEXT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _CONTEXT_PATHS = tuple((field, path[0], path[1] if len(path) > 1 else None) for field, path in _CONTEXT_FIELDS)
 
 
-class AmplitudeConfig(BaseSettings):
-    """`AMPLITUDE_*` settings; the dict settings are JSON in the environment (seed 003's mapping tables)."""
+class AmplitudeConfig(Section):
+    """`AMPLITUDE_*` settings; the dict settings are JSON in the environment (tables shaped like those
+    in docs/MAPPINGS.md#amplitude)."""
 
-    model_config = SettingsConfigDict(env_prefix="AMPLITUDE_", extra="ignore", case_sensitive=False)
+    env_prefix: ClassVar[str] = "AMPLITUDE_"
 
     api_key: SecretStr | None = None
     base_url: str = "https://api2.amplitude.com"  # EU: https://api.eu.amplitude.com
-    min_id_length: int | None = None
+    min_id_length: int | None = Field(default=None, ge=1)
     event_mapping: dict[str, str] = {}  # Segment event name -> Amplitude event_type
     property_mapping: dict[str, str] = {}  # property / trait key -> Amplitude property key
-    events_per_second: float = 1000  # project-wide upload rate the runner keeps under
+    events_per_second: float = Field(default=1000, gt=0)  # project-wide upload rate the runner keeps under
 
 
 class AmplitudeDestination:
@@ -131,13 +133,13 @@ class AmplitudeDestination:
         elif kind == "group":
             payloads = self._group(event)
         else:
-            raise InvalidEvent(f"unsupported event type {kind!r}")
+            raise Unmappable(f"unsupported event type {kind!r}")
         return [_item(payload) for payload in payloads]
 
     def _track(self, event: SegmentEvent) -> dict[str, Any]:
         name = event.get("event")
         if not name:
-            raise InvalidEvent("track without an event name")
+            raise Unmappable("track without an event name")
         properties = event.get("properties") or {}
         payload = self._base(event, self._event_type(name))
         payload["event_properties"] = self._renamed(properties)
@@ -173,7 +175,7 @@ class AmplitudeDestination:
         """
         group_id = event.get("groupId")
         if not group_id:
-            raise InvalidEvent("group without groupId")
+            raise Unmappable("group without groupId")
         traits = dict(event.get("traits") or {})
         group_type = str(traits.pop("groupType", None) or "group")
         groups = {group_type: group_id}
@@ -194,7 +196,7 @@ class AmplitudeDestination:
         user_id = event.get("userId")
         device_id = _dig(context, ("device", "id")) or event.get("anonymousId")
         if not user_id and not device_id:
-            raise InvalidEvent("neither userId nor anonymousId/context.device.id")
+            raise Unmappable("neither userId nor anonymousId/context.device.id")
         payload: dict[str, Any] = {}
         if user_id:
             payload["user_id"] = str(user_id)
@@ -373,7 +375,7 @@ def _message_id(event: SegmentEvent) -> str:
     """The insert_id Amplitude dedupes by; the normaliser always fills messageId, so absence is a bug."""
     message_id = event.get("messageId")
     if not message_id:
-        raise InvalidEvent("missing messageId (the insert_id)")
+        raise Unmappable("missing messageId (the insert_id)")
     return str(message_id)
 
 
@@ -381,7 +383,7 @@ def _event_time(event: SegmentEvent) -> int:
     try:
         return millis_of(event.get("timestamp", ""))
     except InvalidTimestamp as exc:
-        raise InvalidEvent(f"timestamp: {exc}") from None
+        raise Unmappable(f"timestamp: {exc}") from None
 
 
 def _user_traits(event: SegmentEvent) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class Skip(Exception):
         self.reason = reason
 
 
-class InvalidEvent(Exception):
+class Unmappable(Exception):
     """The event cannot be mapped (missing a field the destination requires): dead-lettered as `invalid`."""
 
     def __init__(self, reason: str) -> None:
@@ -103,7 +103,7 @@ class Destination(Protocol):
     events_per_second: float | None  # the rate the runner keeps under; None for no limit
 
     def map_event(self, event: SegmentEvent) -> list[Item]:
-        """Items for one event; raises Skip or InvalidEvent."""
+        """Items for one event; raises Skip or Unmappable."""
         ...
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request: ...

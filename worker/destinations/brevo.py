@@ -21,8 +21,9 @@ https://developers.brevo.com/docs/how-it-works):
   (https://developers.brevo.com/docs/limit-headers); POST /v3/events allows 10 requests/s on the
   general tier (https://developers.brevo.com/docs/api-limits).
 
-Field mappings follow seed 003 (event names -> Brevo event names, user properties -> contact
-attributes such as FIRSTNAME/LASTNAME/SMS, list ids), with Segment's trait names as keys.
+Field mappings follow the Amplitude-connector tables in docs/MAPPINGS.md#brevo (event names -> Brevo
+event names, user properties -> contact attributes such as FIRSTNAME/LASTNAME/SMS, list ids), with
+Segment's trait names as keys.
 
 Events without an identifier Brevo can use (no userId, no email, no phone) are skipped, not
 dead-lettered: anonymous traffic is normal, Brevo only tracks known contacts, and a replay could not
@@ -34,20 +35,21 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import orjson
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
+from worker.config_loader import Section
 from worker.destinations.base import (
     Endpoint,
-    InvalidEvent,
     Item,
     ItemResult,
     Outcome,
     Request,
     Skip,
+    Unmappable,
     Verdict,
     classify_status,
     one_item_request,
@@ -63,7 +65,7 @@ CONTACTS = Endpoint("contacts", "POST", "default", "/v3/contacts")
 NAME_MAX = 255
 _INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
-# Seed 003 "Event Mapping" (Amplitude event -> Brevo event); other names are slugged.
+# "Event Mapping" in docs/MAPPINGS.md#brevo (Amplitude event -> Brevo event); other names are slugged.
 DEFAULT_EVENT_MAP = {
     "Purchase": "order_completed",
     "Sign Up": "customer_created",
@@ -74,8 +76,8 @@ DEFAULT_EVENT_MAP = {
     "Subscription Started": "subscription_created",
 }
 
-# Seed 003 "User Property Mapping", keyed by Segment's reserved trait names where one exists
-# (firstName, lastName, phone) and by the seed's own names otherwise. `email` is not an attribute:
+# "User Property Mapping" in docs/MAPPINGS.md#brevo, keyed by Segment's reserved trait names where
+# one exists (firstName, lastName, phone) and by the document's own names otherwise. `email` is not an attribute:
 # it is the contact's identifier (`email` / `identifiers.email_id`).
 DEFAULT_ATTRIBUTE_MAP = {
     "firstName": "FIRSTNAME",
@@ -92,8 +94,8 @@ DEFAULT_ATTRIBUTE_MAP = {
 }
 
 
-class BrevoConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BREVO_", extra="ignore")
+class BrevoConfig(Section):
+    env_prefix: ClassVar[str] = "BREVO_"
 
     api_key: SecretStr | None = None
     base_url: str = "https://api.brevo.com"
@@ -204,7 +206,7 @@ class Brevo:
             raw = self.config.event_map.get(raw, raw)
         name = slug(raw)
         if not name:
-            raise InvalidEvent(f"event name {raw[:64]!r} leaves no valid Brevo event_name")
+            raise Unmappable(f"event name {raw[:64]!r} leaves no valid Brevo event_name")
         return name
 
     def _attributes(self, traits: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Reteno: Segment events -> anonymous devices, contacts and events (seed 002).
+"""Reteno: Segment events -> anonymous devices, contacts and events (docs/MAPPINGS.md#reteno).
 
 Endpoints (Reteno is built on the eSputnik/Yespo platform and shares its public API):
 - `POST {mobile}/api/v1/device` registers a device, optionally linked to a user. Body fields as the
   Reteno SDKs send them (reteno-com/reteno-mobile-android-sdk, `DeviceRemote`: deviceId,
   externalUserId, pushToken, category MOBILE|TABLET, osType ANDROID|IOS, osVersion, deviceModel,
-  appVersion, languageCode, timeZone) and as seed 002 shows.
+  appVersion, languageCode, timeZone) and as Reteno's Amplitude integration guide shows
+  (docs/MAPPINGS.md#reteno).
 - `POST {default}/api/v1/contact` adds or updates one contact synchronously
   (https://docs.reteno.com/docs/real-time-contact-updating,
   https://docs.reteno.com/docs/adding-new-users): `channels` is required, custom fields are
@@ -18,13 +19,13 @@ Endpoints (Reteno is built on the eSputnik/Yespo platform and shares its public 
 All three take the `X-Reteno-Access-Key` header
 (https://docs.yespo.io/reference/managing-mobile-sdk-access-keys) and one item per request.
 
-Where the seed and the API reference differ, the API reference wins:
-- the seed's contact template always sends the email channel, with an empty value when the user has
+Where the guide and the API reference differ, the API reference wins:
+- the guide's contact template always sends the email channel, with an empty value when the user has
   no email; the API requires a real channel, so a contact is sent only when it has one;
-- the seed renders missing values as "" (FreeMarker `!`); sending "" would blank the stored field,
+- the guide renders missing values as "" (FreeMarker `!`); sending "" would blank the stored field,
   so missing values are left out instead;
-- the seed's event payload has no `keyValue`; we set it to the Segment messageId so redelivery is
-  recognised as the same event (DESIGN.md: dedupe keys come from messageId), and put the contact
+- the guide's event payload has no `keyValue`; we set it to the Segment messageId so redelivery is
+  recognised as the same event (docs/ARCHITECTURE.md#guarantees: dedupe keys come from messageId), and put the contact
   identifier in `params` as the API asks when keyValue is not the contact key.
 """
 
@@ -33,20 +34,20 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.config_loader import Section
 from worker.destinations.base import (
     Endpoint,
-    InvalidEvent,
     Item,
     ItemResult,
     Outcome,
     Request,
     Skip,
+    Unmappable,
     Verdict,
     classify_status,
     one_item_request,
@@ -68,8 +69,8 @@ _FORBIDDEN_KEY_CHARS = re.compile(r"[<;\u2019'\\/|\"`^?!,>]")
 _REQUIRED_PARAMS_PREFIX = "The event should have the following params"
 
 
-class RetenoConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RETENO_", extra="ignore")
+class RetenoConfig(Section):
+    env_prefix: ClassVar[str] = "RETENO_"
 
     access_key: SecretStr | None = None
     base_url: str = "https://api.reteno.com"
@@ -78,9 +79,9 @@ class RetenoConfig(BaseSettings):
     # a trait name (`plan`), `userId`/`anonymousId`, or a dotted path into the event
     # (`context.location.city`, `traits.plan`). Field ids are per account, so there is no default.
     contact_fields: dict[str, int] = {}
-    # Seed 002: "category": "MOBILE" is hard-coded and mandatory on device registration.
+    # Reteno's guide (docs/MAPPINGS.md#reteno): "category": "MOBILE" is hard-coded and mandatory on device registration.
     category: str = "MOBILE"
-    # The seed's contact payload names the app on the channel (`device.appId`); sent when set.
+    # The guide's contact payload names the app on the channel (`device.appId`); sent when set.
     app_id: str | None = None
 
 
@@ -138,14 +139,14 @@ class Reteno:
 
 
 def device_payload(event: SegmentEvent, category: str) -> dict[str, Any]:
-    """The device an identify carries (seed 002, "anonymous users" destination)."""
+    """The device an identify carries (docs/MAPPINGS.md#reteno, "anonymous users" destination)."""
     context = event.get("context") or {}
     device = _dict(context.get("device"))
     os_info = _dict(context.get("os"))
     app = _dict(context.get("app"))
     device_id = device.get("id") or event.get("anonymousId")
     if not device_id:
-        raise InvalidEvent("identify has neither context.device.id nor anonymousId")
+        raise Unmappable("identify has neither context.device.id nor anonymousId")
     payload: dict[str, Any] = {"deviceId": str(device_id), "category": category}
     optional = {
         "externalUserId": event.get("userId"),
@@ -159,8 +160,9 @@ def device_payload(event: SegmentEvent, category: str) -> dict[str, Any]:
 
 
 def os_type(os_name: Any) -> str | None:
-    """Seed 002 upper-cases the OS name; the API's enum (SDK `DeviceOsRemote`) is IOS | ANDROID only,
-    so other systems (Windows, Mac OS X ...) are left out rather than refused with a 400."""
+    """Reteno's guide (docs/MAPPINGS.md#reteno) upper-cases the OS name; the API's enum (SDK
+    `DeviceOsRemote`) is IOS | ANDROID only, so other systems (Windows, Mac OS X ...) are left out
+    rather than refused with a 400."""
     if not isinstance(os_name, str):
         return None
     upper = os_name.upper()
@@ -220,7 +222,7 @@ def event_type_key(event: SegmentEvent) -> str:
         raw = f"Viewed {name} {noun}" if name else f"Loaded a {noun}"
     key = " ".join(_FORBIDDEN_KEY_CHARS.sub(" ", raw).split())[:EVENT_TYPE_KEY_MAX]
     if not key:
-        raise InvalidEvent(f"event name {raw[:64]!r} leaves no valid Reteno eventTypeKey")
+        raise Unmappable(f"event name {raw[:64]!r} leaves no valid Reteno eventTypeKey")
     return key
 
 
@@ -228,14 +230,14 @@ def key_value(event: SegmentEvent) -> str:
     """The event's keyValue: its messageId, or a digest of it when the API would refuse it as is."""
     message_id = event.get("messageId") or ""
     if not message_id:
-        raise InvalidEvent("event has no messageId to use as Reteno keyValue")
+        raise Unmappable("event has no messageId to use as Reteno keyValue")
     if len(message_id) <= KEY_VALUE_MAX and not _FORBIDDEN_KEY_CHARS.search(message_id):
         return message_id
     return "mid-" + hashlib.sha256(message_id.encode()).hexdigest()
 
 
 def as_text(value: Any) -> str:
-    """Reteno param and field values are strings (the seed renders every value as "${...}")."""
+    """Reteno param and field values are strings (the guide renders every value as "${...}")."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

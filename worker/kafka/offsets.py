@@ -60,8 +60,9 @@ class OffsetTracker:
             self._in_flight.setdefault(key, deque()).append(ticket)
         return Batch(messages, tickets)
 
-    def committable(self) -> dict[TopicPartitionKey, int]:
-        """Pop the done prefix of each partition; returns the next offset to commit (last done + 1)."""
+    def pop_committable(self) -> dict[TopicPartitionKey, int]:
+        """Remove the done prefix of each partition and return the next offset to commit for it
+        (last done + 1). A second call returns only what finished since the first."""
         ready: dict[TopicPartitionKey, int] = {}
         for key, tickets in self._in_flight.items():
             last = None

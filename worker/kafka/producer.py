@@ -6,47 +6,14 @@ every role is the consumer loop's thread, so output acknowledgements need no loc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from confluent_kafka import KafkaError, Message
 from confluent_kafka import Producer as _RdProducer
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 Headers = Sequence[tuple[str, str | bytes]]
-
-PRODUCER_DEFAULTS = {
-    # Idempotence gives per-partition ordering without duplicates across internal retries,
-    # which is what keeps one person's events in order.
-    "enable.idempotence": "true",
-    "acks": "all",
-    "compression.type": "lz4",
-    "linger.ms": "5",
-    "batch.num.messages": "10000",
-    "queue.buffering.max.messages": "200000",
-    # A message not delivered in 2 minutes fails (and so does its input's commit); kept below
-    # max.poll.interval.ms so a flush that waits for it cannot get the consumer thrown out of its group.
-    "message.timeout.ms": "120000",
-}
-
-# Consumer-only properties a user may set through KAFKA_*; librdkafka warns if a producer sees them.
-_CONSUMER_ONLY = (
-    "session.timeout.ms",
-    "heartbeat.interval.ms",
-    "auto.offset.reset",
-    "group.",
-    "fetch.",
-    "max.poll.interval.ms",
-    "enable.auto",
-    "auto.commit",
-    "partition.assignment",
-    "isolation.",
-)
-
-
-def producer_config(properties: dict[str, str], overrides: dict[str, str] | None = None) -> dict[str, str]:
-    base = {k: v for k, v in properties.items() if not k.startswith(_CONSUMER_ONLY)}
-    return {**PRODUCER_DEFAULTS, **base, **(overrides or {})}
-
 
 class ProducerFatal(RuntimeError):
     """An output could not be written; the input it came from must not be committed."""
@@ -61,13 +28,9 @@ class Producer:
       that returns 0 with no failure reported means every message before it was acknowledged.
     """
 
-    def __init__(
-        self,
-        properties: dict[str, str],
-        overrides: dict[str, str] | None = None,
-        on_failure: DeliveryCallback | None = None,
-    ) -> None:
-        config: dict[str, object] = {**producer_config(properties, overrides)}
+    def __init__(self, config: Mapping[str, Any], on_failure: DeliveryCallback | None = None) -> None:
+        """`config` is complete (worker.kafka.clients builds it); use `KafkaClients.producer()`."""
+        config = dict(config)
         if on_failure is not None:
             config["delivery.report.only.error"] = True
             config["on_delivery"] = on_failure
@@ -108,15 +71,3 @@ class Producer:
 
     def __len__(self) -> int:
         return len(self._producer)
-
-
-def produce_and_wait(
-    properties: dict[str, str], topic: str, items: Sequence[tuple[str | None, bytes | None]], timeout: float = 30.0
-) -> None:
-    """Write (key, value) pairs and wait until every one is acknowledged; raise if any is not."""
-    producer = Producer(properties)
-    failures: list[str] = []
-    for key, value in items:
-        producer.produce(topic, value, key, lambda err, _m: failures.append(str(err)) if err else None)
-    if producer.flush(timeout) or failures:
-        raise RuntimeError(f"could not write to {topic}: {failures[:3] or 'not acknowledged in time'}")

@@ -13,9 +13,11 @@ import threading
 import time
 from collections import OrderedDict
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from worker import logs
+from worker.kafka.clients import KafkaClients
+from worker.kafka.reading import TopicMissing, assign_all, read_until_quiet
 
 log = logs.get(__name__)
 
@@ -72,17 +74,10 @@ class IdentityTopicReader:
     nothing (the topic is re-read in full at start-up; compaction keeps that cheap).
     """
 
-    def __init__(self, properties: dict[str, str], topic: str, identities: IdentityMap) -> None:
+    def __init__(self, clients: KafkaClients, topic: str, identities: IdentityMap) -> None:
         self.topic = topic
         self.identities = identities
-        self._consumer = Consumer(
-            {
-                **properties,
-                "group.id": f"segment-identities-reader-{id(self)}",
-                "enable.auto.commit": "false",
-                "enable.auto.offset.store": "false",
-            }
-        )
+        self._consumer = clients.reader("identities-reader")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,31 +99,23 @@ class IdentityTopicReader:
 
     def start(self, catch_up_timeout: float = 30.0, idle: float = 0.5) -> int:
         """Load the topic up to its current end, then follow it in a thread; returns links loaded."""
-        metadata = self._consumer.list_topics(self.topic, timeout=10)
-        partitions = metadata.topics[self.topic].partitions if self.topic in metadata.topics else {}
-        if not partitions or metadata.topics[self.topic].error is not None:
-            raise KafkaException(f"topic {self.topic} does not exist; run `segment-worker topics create`")
-        self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
-        high = {
-            p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1] for p in partitions
-        }
-        loaded, deadline, last_seen = 0, time.monotonic() + catch_up_timeout, time.monotonic()
+        try:
+            assignment = assign_all(self._consumer, [self.topic])
+        except TopicMissing:
+            raise KafkaException(f"topic {self.topic} does not exist; run `segment-worker topics create`") from None
+        high = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in assignment}
+
+        def at_high_watermarks() -> bool:
+            positions = {tp.partition: tp.offset for tp in self._consumer.position(assignment)}
+            return all(positions.get(p, -1) >= h or h == 0 for p, h in high.items())
+
         # Read to the high watermarks, then until the topic has been quiet for `idle` seconds: the
         # embedded broker can under-report a watermark, and a quiet topic is caught up either way.
-        while time.monotonic() < deadline:
-            messages = self._consumer.consume(1000, 0.1)
-            if messages:
-                loaded += self._apply(messages)
-                last_seen = time.monotonic()
-                continue
-            positions = {
-                tp.partition: tp.offset
-                for tp in self._consumer.position([TopicPartition(self.topic, p) for p in partitions])
-            }
-            at_end = all(positions.get(p, -1) >= h or h == 0 for p, h in high.items())
-            if at_end and time.monotonic() - last_seen >= idle:
-                break
-        else:
+        deadline = time.monotonic() + catch_up_timeout
+        loaded = 0
+        for message in read_until_quiet(self._consumer, idle, deadline, caught_up=at_high_watermarks, grace=0.0):
+            loaded += self._apply([message])
+        if time.monotonic() >= deadline:
             log.warning("identity map not fully loaded before the deadline", loaded=loaded)
         log.info("identity map loaded", links=loaded, entries=len(self.identities))
         self._thread = threading.Thread(target=self._follow, name="identities-reader", daemon=True)

@@ -1,7 +1,7 @@
 """One raw payload in, what should be written out: the normaliser's logic, with no Kafka in it.
 
 Per event: validate and canonicalise; fix timestamps against receivedAt; fill messageId; link and
-fill identities; run the enrichers; route. The Kafka side (worker.normalize.app) writes the result.
+fill identities; run the enrichers; route. The Kafka side (worker.normalize.strategy) writes the result.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from worker.avro_codec import EventCodec
 from worker.normalize.identities import IdentityMap
 from worker.normalize.routing import destinations_for
 from worker.segment import envelope
+from worker.segment.envelope import RejectedEvent
 from worker.segment.event import SegmentEvent, partition_key
 from worker.segment.ids import anonymous_id_for_user, deterministic_message_id
 from worker.segment.timestamps import InvalidTimestamp, canonical_text, correct_skew, iso_from_millis, millis_of
@@ -31,16 +32,9 @@ class RoutedEvent:
 
 
 @dataclass(slots=True)
-class Rejected:
-    value: bytes  # what a replay should send back to segment.raw
-    reason: str
-    batch_index: int | None = None
-
-
-@dataclass(slots=True)
 class Result:
     routed: list[RoutedEvent] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
+    rejected: list[RejectedEvent] = field(default_factory=list)
     links: list[tuple[str, str]] = field(default_factory=list)  # new anonymousId -> userId links
     filtered: list[str] = field(default_factory=list)  # reasons, one per event deliberately dropped
 
@@ -63,10 +57,9 @@ class Normaliser:
         try:
             parsed = envelope.parse(value)
         except envelope.InvalidPayload as exc:
-            result.rejected.append(Rejected(value or b"", str(exc)))
+            result.rejected.append(RejectedEvent(None, value or b"", str(exc)))
             return result
-        for item in parsed.rejected:
-            result.rejected.append(Rejected(item.value, item.reason, item.index))
+        result.rejected.extend(parsed.rejected)
         received_default_text = iso_from_millis(kafka_timestamp_ms)
         for position, (raw, index) in enumerate(zip(parsed.events, parsed.indexes, strict=True)):
             # A bad batch item is dead-lettered as itself (as the envelope serialised it).
@@ -74,7 +67,7 @@ class Normaliser:
             try:
                 self._one(raw, kafka_timestamp_ms, received_default_text, result)
             except (InvalidEvent, InvalidTimestamp) as exc:
-                result.rejected.append(Rejected(original, str(exc), index if parsed.is_batch else None))
+                result.rejected.append(RejectedEvent(index if parsed.is_batch else None, original, str(exc)))
         return result
 
     def _one(self, raw: dict[str, Any], received_default_ms: int, received_default_text: str, result: Result) -> None:

@@ -1,8 +1,8 @@
 """User-agent enrichment: `context.userAgent` -> `context.device`, `context.os`, `context.browser`, `context.bot`.
 
-Each of device/os/browser is filled only when the event has none (seed 004's rule: a mobile SDK's
-own device and os data is better than anything parsed from a string). Parsing costs ~30 us, so
-results are cached by UA string; real traffic has few distinct user agents.
+Each of device/os/browser is filled only when the event has none (Jitsu's rule, docs/MAPPINGS.md#jitsu:
+a mobile SDK's own device and os data is better than anything parsed from a string). Parsing costs
+~30 us, so results are cached by UA string; real traffic has few distinct user agents.
 """
 
 from __future__ import annotations

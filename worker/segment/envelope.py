@@ -23,8 +23,10 @@ class InvalidPayload(ValueError):
 
 @dataclass
 class RejectedEvent:
-    index: int  # position in the batch
-    value: bytes  # the event as JSON (with batch context merged), what a replay sends back
+    """An input the normaliser dead-letters as `invalid`: a whole payload, or one item of a batch."""
+
+    index: int | None  # position in the batch; None for a whole payload
+    value: bytes  # what a replay sends back to segment.raw (a batch item with the batch context merged)
     reason: str
 
 

@@ -1,1 +1,1 @@
-"""The shared sink runner: Kafka side (worker.sink.app) and delivery engine (worker.sink.delivery)."""
+"""The shared sink runner: Kafka side (worker.sink.strategy) and delivery engine (worker.sink.delivery)."""

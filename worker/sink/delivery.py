@@ -11,8 +11,9 @@ It runs an asyncio loop on its own thread (aiohttp) and, per destination endpoin
   rejected without saying which item (so one poison item never fails its batch-mates); or
   dead-lettered as `permanent`.
 
-Every submitted item is reported exactly once, through `report(pending, kind, reason)` on the
-engine's thread: kind None for delivered, a dead-letter Kind, or DROPPED after `drop()`.
+Every submitted item is reported exactly once, through `report(ItemReport)` on the engine's
+thread (worker.sink.reports: Delivered, Failed, or Withdrawn after `withdraw()`); a change of the
+circuit state is reported through the same callable as a `CircuitReport`.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from typing import Any
 import aiohttp
 
 from worker import logs, metrics
-from worker.dead_letters import Kind
 from worker.destinations.base import Destination, Endpoint, Item, ItemResult, Outcome, Verdict
+from worker.dlq.headers import Kind
 from worker.sink.ratelimit import TokenBucket
+from worker.sink.reports import DELIVERED, CircuitReport, Failed, ItemReport, Report, Withdrawn
 from worker.sink.settings import SinkSettings
 
 log = logs.get(__name__)
 
-DROPPED = "dropped"  # a report kind: the item was withdrawn (its partition was revoked)
+REVOKED = Withdrawn("partition revoked")
 MAX_RESEND_DEPTH = 4  # a destination that keeps blaming batch-mates gets retried normally after this
 
 
@@ -58,16 +60,17 @@ class Pending:
     http_status: int | None = None
 
 
-Report = Callable[[Pending, "Kind | str | None", str], None]
+ReportSink = Callable[[Report], None]
 
 
 class DeliveryEngine:
-    def __init__(self, destination: Destination, settings: SinkSettings, report: Report) -> None:
+    def __init__(self, destination: Destination, settings: SinkSettings, report: ReportSink) -> None:
         self.destination = destination
         self.settings = settings
         self.report = report
         self.name = destination.name
         self._secrets = logs.secret_values(getattr(destination, "config", None))
+        self._circuit_was_open = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"delivery-{self.name}", daemon=True)
         self._ready: dict[str, deque[Pending]] = {name: deque() for name in destination.endpoints}
@@ -96,9 +99,9 @@ class DeliveryEngine:
         if items:
             self._loop.call_soon_threadsafe(self._enqueue, list(items))
 
-    def drop(self, owned: Callable[[Any], bool]) -> None:
+    def withdraw(self, owned: Callable[[Any], bool]) -> None:
         """Withdraw every queued item whose owner matches; requests already sent still report."""
-        self._loop.call_soon_threadsafe(self._drop, owned)
+        self._loop.call_soon_threadsafe(self._withdraw, owned)
 
     def stop(self, timeout: float = 5.0) -> None:
         if not self._thread.is_alive():
@@ -138,19 +141,19 @@ class DeliveryEngine:
         else:
             self._ready[pending.item.endpoint].append(pending)
 
-    def _drop(self, owned: Callable[[Any], bool]) -> None:
+    def _withdraw(self, owned: Callable[[Any], bool]) -> None:
         for name, queue in self._ready.items():
             kept = deque()
             for pending in queue:
                 if owned(pending.owner):
-                    self.report(pending, DROPPED, "partition revoked")
+                    self.report(ItemReport(pending.owner, REVOKED))
                 else:
                     kept.append(pending)
             self._ready[name] = kept
         delayed = []
         for entry in self._delayed:
             if owned(entry[2].owner):
-                self.report(entry[2], DROPPED, "partition revoked")
+                self.report(ItemReport(entry[2].owner, REVOKED))
             else:
                 delayed.append(entry)
         heapq.heapify(delayed)
@@ -159,7 +162,7 @@ class DeliveryEngine:
             kept_items = [p for p in items if not owned(p.owner)]
             for pending in items:
                 if owned(pending.owner):
-                    self.report(pending, DROPPED, "partition revoked")
+                    self.report(ItemReport(pending.owner, REVOKED))
             self._held[user] = (until, kept_items)
 
     def _poke(self) -> None:
@@ -222,6 +225,7 @@ class DeliveryEngine:
         outcome = await self._send(endpoint, group)
         status = outcome.http_status
         self.consecutive_failures = 0 if status is not None and status < 500 else self.consecutive_failures + 1
+        self._report_circuit()
         if not outcome.per_item and len(group) > 1 and _bisect_worthy(outcome):
             half = len(group) // 2  # rejected as a whole without naming an item: find the poison one
             await self._attempt(endpoint, group[:half], resend_depth)
@@ -233,7 +237,7 @@ class DeliveryEngine:
             verdict = result.verdict
             if verdict is Verdict.OK:
                 self._delivered.inc()
-                self.report(pending, None, "")
+                self.report(ItemReport(pending.owner, DELIVERED))
             elif verdict is Verdict.RESEND and resend_depth < MAX_RESEND_DEPTH:
                 resend.append(pending)
             elif verdict is Verdict.THROTTLED:
@@ -283,6 +287,11 @@ class DeliveryEngine:
         delay = max(backoff, result.retry_after or 0.0)
         heapq.heappush(self._delayed, (now + delay, next(self._sequence), pending))
 
+    def _report_circuit(self) -> None:
+        if self.circuit_open != self._circuit_was_open:
+            self._circuit_was_open = self.circuit_open
+            self.report(CircuitReport(self.circuit_open, self.consecutive_failures))
+
     @property
     def circuit_open(self) -> bool:
         """The destination is down for everyone, not failing for this item."""
@@ -309,7 +318,7 @@ class DeliveryEngine:
         reason = logs.scrub(reason, self._secrets)
         pending.reason = reason
         pending.http_status = http_status
-        self.report(pending, kind, reason)
+        self.report(ItemReport(pending.owner, Failed(kind, reason, pending.attempts, http_status)))
 
 
 def _bisect_worthy(outcome: Outcome) -> bool:

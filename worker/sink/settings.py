@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import ClassVar, Self
+
+from pydantic import Field, model_validator
+
+from worker.config_loader import Section
 
 
-class SinkSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SINK_", extra="ignore", case_sensitive=False)
+class SinkSettings(Section):
+    env_prefix: ClassVar[str] = "SINK_"
 
-    concurrency: int = 8  # requests in flight per destination
-    request_timeout: float = 10.0  # seconds for one HTTP request, connect to last byte
-    linger_ms: float = 50.0  # how long a partly filled request may wait for more items
-    max_buffered_events: int = 10_000  # beyond this the sink pauses its partitions (bounded memory)
-    max_attempts: int = 12  # transient failures an item may have before it is dead-lettered `exhausted`
+    concurrency: int = Field(default=8, gt=0)  # requests in flight per destination
+    request_timeout: float = Field(default=10.0, gt=0)  # seconds for one HTTP request, connect to last byte
+    linger_ms: float = Field(default=50.0, ge=0)  # how long a partly filled request may wait for more items
+    max_buffered_events: int = Field(default=10_000, gt=0)  # beyond this the sink pauses its partitions
+    # Transient failures an item may have before it is dead-lettered `exhausted` ...
+    max_attempts: int = Field(default=12, gt=0)
     # ... counted only while the destination works for others: after this many failed requests in a
     # row it is down (its "circuit" is open, /readyz says so), and then only max_retry_seconds counts,
     # so an outage pauses the sink instead of dead-lettering everything in flight.
-    circuit_open_after: int = 5
-    max_retry_seconds: float = 3600.0  # ... or this long since its first failure, whichever comes first
-    backoff_initial: float = 0.5  # seconds; doubles per attempt, with full jitter
-    backoff_max: float = 60.0
-    throttle_default: float = 30.0  # a throttled user's pause when the API gives no Retry-After
+    circuit_open_after: int = Field(default=5, gt=0)
+    max_retry_seconds: float = Field(default=3600.0, gt=0)  # ... or this long since its first failure
+    backoff_initial: float = Field(default=0.5, gt=0)  # seconds; doubles per attempt, with full jitter
+    backoff_max: float = Field(default=60.0, gt=0)
+    throttle_default: float = Field(default=30.0, gt=0)  # a throttled user's pause when the API gives no Retry-After
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> Self:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(f"SINK_BACKOFF_MAX ({self.backoff_max}) is below SINK_BACKOFF_INITIAL")
+        return self

@@ -7,7 +7,8 @@ types (dimensions and traits are string-to-string maps, customerName is required
 no error bodies and no request-size limit; the stand-in answers `{"message": ...}` (what its API
 gateway sends) and rejects bodies over 10 MB with 413 (a common API-gateway cap) so SPLIT can be
 exercised. A 400 rejects the whole request; it names the bad records' indexes to help debugging.
-PUT /customers upserts, as the seed (Segment's Amberflo destination) says it does.
+PUT /customers upserts, as Amberflo's Segment destination document says it does
+(docs/MAPPINGS.md#amberflo).
 """
 
 from __future__ import annotations

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from worker.standins import amberflo, amplitude, brevo, reteno
+from worker.destinations import registry
 from worker.standins.faults import Faults, StandinState
 
-STANDINS = {"amplitude": amplitude, "amberflo": amberflo, "reteno": reteno, "brevo": brevo}
 STATE_KEY: web.AppKey[dict[str, StandinState]] = web.AppKey("standin_state", dict)
 
 
 def make_app(credentials: dict[str, str]) -> web.Application:
-    """`credentials` maps destination name -> the API key its stand-in accepts."""
+    """A stand-in for every registered destination; `credentials` maps its name -> the key it accepts."""
     app = web.Application(client_max_size=20 * 1024 * 1024)
-    states = {name: StandinState(name) for name in STANDINS}
+    states = {entry.name: StandinState(entry.name) for entry in registry.entries()}
     app[STATE_KEY] = states
-    for name, module in STANDINS.items():
-        module.register(app, states[name], credentials[name])
+    for entry in registry.entries():
+        entry.standin_module().register(app, states[entry.name], credentials[entry.name])
 
     async def set_faults(request: web.Request) -> web.Response:
         state = _state(request)

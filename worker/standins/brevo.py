@@ -41,7 +41,7 @@ RATE_LIMIT = 10  # POST /v3/events, general tier: 10 requests per second
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 
-class Rejected(Exception):
+class BrevoApiError(Exception):
     """A request the API refuses, with the status and `{"code", "message"}` body it answers."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -73,7 +73,7 @@ def register(app: web.Application, state: StandinState, api_key: str) -> None:
             _reject_poison(state, *identities.values())
             existing = _existing_contact(state, contact_index, identities)
             if existing is not None and not body.get("updateEnabled"):
-                raise Rejected(400, "duplicate_parameter", "Contact already exist")
+                raise BrevoApiError(400, "duplicate_parameter", "Contact already exist")
             key = existing or f"contact:{next(iter(identities.values()))}"
             for identity in identities.values():
                 contact_index[identity] = key
@@ -104,7 +104,7 @@ async def _serve(
         return _respond(state, 401, {"code": "unauthorized", "message": "Key not found"})
     try:
         return await accept(_parse_object(await request.read()))
-    except Rejected as rejected:
+    except BrevoApiError as rejected:
         return _respond(state, rejected.status, rejected.body)
 
 
@@ -135,9 +135,9 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise Rejected(400, "bad_request", "Invalid JSON in request body") from None
+        raise BrevoApiError(400, "bad_request", "Invalid JSON in request body") from None
     if not isinstance(body, dict):
-        raise Rejected(400, "bad_request", "Request body must be a JSON object")
+        raise BrevoApiError(400, "bad_request", "Request body must be a JSON object")
     return body
 
 
@@ -145,26 +145,26 @@ def _validate_event(body: dict[str, Any]) -> str | None:
     """Checks an event and returns the messageId it carries (its dedupe id), if any."""
     name = body.get("event_name")
     if not isinstance(name, str) or not name:
-        raise Rejected(400, "missing_parameter", "event_name is required")
+        raise BrevoApiError(400, "missing_parameter", "event_name is required")
     if not _VALID_NAME.match(name):
-        raise Rejected(400, "invalid_parameter", "event_name must be alphanumeric, - or _ (max 255)")
+        raise BrevoApiError(400, "invalid_parameter", "event_name must be alphanumeric, - or _ (max 255)")
     identifiers = body.get("identifiers")
     if not isinstance(identifiers, dict) or not any(identifiers.get(k) for k in EVENT_IDENTIFIERS):
-        raise Rejected(400, "missing_parameter", "identifiers must hold at least one identifier")
+        raise BrevoApiError(400, "missing_parameter", "identifiers must hold at least one identifier")
     properties = body.get("event_properties", {})
     if not isinstance(properties, dict):
-        raise Rejected(400, "invalid_parameter", "event_properties must be an object")
+        raise BrevoApiError(400, "invalid_parameter", "event_properties must be an object")
     if bad := _invalid_keys(properties):
-        raise Rejected(400, "invalid_parameter", f"event_properties key {bad!r} is invalid")
+        raise BrevoApiError(400, "invalid_parameter", f"event_properties key {bad!r} is invalid")
     if len(json.dumps(properties).encode()) > EVENT_PROPERTIES_MAX:
-        raise Rejected(400, "invalid_parameter", "event_properties is larger than 50KB")
+        raise BrevoApiError(400, "invalid_parameter", "event_properties is larger than 50KB")
     contact_properties = body.get("contact_properties", {})
     if not isinstance(contact_properties, dict) or not all(
         isinstance(v, str | int | float | bool) for v in contact_properties.values()
     ):
-        raise Rejected(400, "invalid_parameter", "contact_properties values must be string, number or boolean")
+        raise BrevoApiError(400, "invalid_parameter", "contact_properties values must be string, number or boolean")
     if "event_date" in body and not _is_iso_datetime(body["event_date"]):
-        raise Rejected(400, "invalid_parameter", "event_date must be an ISO 8601 timestamp")
+        raise BrevoApiError(400, "invalid_parameter", "event_date must be an ISO 8601 timestamp")
     message_id = properties.get("messageId")
     return message_id if isinstance(message_id, str) and message_id else None
 
@@ -173,19 +173,19 @@ def _validate_contact(body: dict[str, Any]) -> dict[str, str]:
     """Checks a contact and returns its identities (email, ext_id, SMS) in lookup order."""
     attributes = body.get("attributes", {})
     if not isinstance(attributes, dict):
-        raise Rejected(400, "invalid_parameter", "attributes must be an object")
+        raise BrevoApiError(400, "invalid_parameter", "attributes must be an object")
     email = body.get("email")
     if email is not None and (not isinstance(email, str) or "@" not in email):
-        raise Rejected(400, "invalid_parameter", "Invalid email address")
+        raise BrevoApiError(400, "invalid_parameter", "Invalid email address")
     list_ids = body.get("listIds", [])
     if not isinstance(list_ids, list) or not all(isinstance(i, int) and i > 0 for i in list_ids):
-        raise Rejected(400, "invalid_parameter", "listIds must be a list of list ids")
+        raise BrevoApiError(400, "invalid_parameter", "listIds must be a list of list ids")
     if "updateEnabled" in body and not isinstance(body["updateEnabled"], bool):
-        raise Rejected(400, "invalid_parameter", "updateEnabled must be a boolean")
+        raise BrevoApiError(400, "invalid_parameter", "updateEnabled must be a boolean")
     candidates = {"email": email, "ext_id": body.get("ext_id"), "SMS": attributes.get("SMS")}
     identities = {kind: str(value) for kind, value in candidates.items() if value not in (None, "")}
     if not identities:
-        raise Rejected(400, "missing_parameter", "email, ext_id or attributes.SMS is required")
+        raise BrevoApiError(400, "missing_parameter", "email, ext_id or attributes.SMS is required")
     return identities
 
 
@@ -193,7 +193,8 @@ def _existing_contact(state: StandinState, index: dict[str, str], identities: di
     """The key of the stored contact these identities name; two different ones are a conflict."""
     keys = {index[i] for i in identities.values() if i in index and index[i] in state.received}
     if len(keys) > 1:
-        raise Rejected(400, "duplicate_parameter", "Unable to update contact, identifiers belong to different contacts")
+        message = "Unable to update contact, identifiers belong to different contacts"
+        raise BrevoApiError(400, "duplicate_parameter", message)
     return next(iter(keys), None)
 
 
@@ -227,4 +228,4 @@ def _is_iso_datetime(value: Any) -> bool:
 def _reject_poison(state: StandinState, *identities: str) -> None:
     for identity in identities:
         if identity in state.faults.poison_ids:
-            raise Rejected(400, "invalid_parameter", f"Invalid value for {identity}")
+            raise BrevoApiError(400, "invalid_parameter", f"Invalid value for {identity}")

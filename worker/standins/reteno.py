@@ -40,7 +40,7 @@ KEY_VALUE_MAX = 300
 _FORBIDDEN_KEY_CHARS = re.compile(r"[<;\u2019'\\/|\"`^?!,>]")
 
 
-class Rejected(Exception):
+class RetenoApiError(Exception):
     """A request the API refuses, with the status and body it answers."""
 
     def __init__(self, status: int, body: dict[str, Any] | str) -> None:
@@ -77,7 +77,7 @@ def register(app: web.Application, state: StandinState, api_key: str) -> None:
         async def accept(body: dict[str, Any]) -> web.StreamResponse:
             key_value = _validate_event(body)
             if key_value in state.faults.poison_ids:
-                raise Rejected(400, _required_params_body(["orderId"]))
+                raise RetenoApiError(400, _required_params_body(["orderId"]))
             state.accept(key_value, body)
             return _respond(state, 200, None)
 
@@ -112,10 +112,10 @@ async def _serve(
     raw = await request.read()
     try:
         if max_bytes is not None and len(raw) > max_bytes:
-            raise Rejected(400, {"message": f"content exceeds {max_bytes} bytes"})
+            raise RetenoApiError(400, {"message": f"content exceeds {max_bytes} bytes"})
         body = _parse_object(raw)
         return await accept(body)
-    except Rejected as rejected:
+    except RetenoApiError as rejected:
         return _respond(state, rejected.status, rejected.body)
 
 
@@ -134,34 +134,34 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise Rejected(400, {"message": "request body is not valid JSON"}) from None
+        raise RetenoApiError(400, {"message": "request body is not valid JSON"}) from None
     if not isinstance(body, dict):
-        raise Rejected(400, {"message": "request body must be a JSON object"})
+        raise RetenoApiError(400, {"message": "request body must be a JSON object"})
     return body
 
 
 def _validate_device(body: dict[str, Any]) -> None:
     if not _non_empty_str(body.get("deviceId")):
-        raise Rejected(400, {"message": "deviceId is required"})
+        raise RetenoApiError(400, {"message": "deviceId is required"})
     if body.get("category") not in DEVICE_CATEGORIES:
-        raise Rejected(400, {"message": f"category must be one of {list(DEVICE_CATEGORIES)}"})
+        raise RetenoApiError(400, {"message": f"category must be one of {list(DEVICE_CATEGORIES)}"})
     if "osType" in body and body["osType"] not in OS_TYPES:
-        raise Rejected(400, {"message": f"osType must be one of {list(OS_TYPES)}"})
+        raise RetenoApiError(400, {"message": f"osType must be one of {list(OS_TYPES)}"})
 
 
 def _validate_contact(body: dict[str, Any]) -> str:
     """Checks a contact and returns the identity it is stored under."""
     channels = body.get("channels")
     if not isinstance(channels, list) or not channels:
-        raise Rejected(400, {"message": "channels is required"})
+        raise RetenoApiError(400, {"message": "channels is required"})
     for channel in channels:
         if not isinstance(channel, dict) or not _non_empty_str(channel.get("type")):
-            raise Rejected(400, {"message": "each channel needs a type"})
+            raise RetenoApiError(400, {"message": "each channel needs a type"})
         if not _non_empty_str(channel.get("value")):
-            raise Rejected(400, {"message": f"channel {channel.get('type')} needs a value"})
+            raise RetenoApiError(400, {"message": f"channel {channel.get('type')} needs a value"})
     for custom in body.get("fields") or []:
         if not isinstance(custom, dict) or not isinstance(custom.get("id"), int) or "value" not in custom:
-            raise Rejected(400, {"message": "each field needs an integer id and a value"})
+            raise RetenoApiError(400, {"message": "each field needs an integer id and a value"})
     external_id = body.get("externalCustomerId")
     if _non_empty_str(external_id):
         return str(external_id)
@@ -172,24 +172,24 @@ def _validate_event(body: dict[str, Any]) -> str:
     """Checks an event and returns its dedupe key (keyValue)."""
     type_key = body.get("eventTypeKey")
     if not _non_empty_str(type_key):
-        raise Rejected(400, {"message": "eventTypeKey is required"})
+        raise RetenoApiError(400, {"message": "eventTypeKey is required"})
     if len(type_key) > EVENT_TYPE_KEY_MAX or _FORBIDDEN_KEY_CHARS.search(type_key):
-        raise Rejected(400, {"message": "eventTypeKey has a forbidden character or is too long"})
+        raise RetenoApiError(400, {"message": "eventTypeKey has a forbidden character or is too long"})
     params = body.get("params", [])
     if not isinstance(params, list) or not all(
         isinstance(p, dict) and _non_empty_str(p.get("name")) and "value" in p for p in params
     ):
-        raise Rejected(400, {"message": "params must be a list of {name, value}"})
+        raise RetenoApiError(400, {"message": "params must be a list of {name, value}"})
     identifiers = {p["name"]: p["value"] for p in params if p["name"] in CONTACT_IDENTIFIERS}
     if not any(_non_empty_str(v) for v in identifiers.values()):
-        raise Rejected(400, _required_params_body(["externalCustomerId"]))
+        raise RetenoApiError(400, _required_params_body(["externalCustomerId"]))
     key_value = body.get("keyValue")
     if key_value is None:
         # The API falls back to the contact identifier, which makes every event of a contact
         # one and the same; the destination always sends keyValue, so this is only for fidelity.
         return str(next(v for v in identifiers.values() if _non_empty_str(v)))
     if not _non_empty_str(key_value) or len(key_value) > KEY_VALUE_MAX or _FORBIDDEN_KEY_CHARS.search(key_value):
-        raise Rejected(400, {"message": "keyValue has a forbidden character or is too long"})
+        raise RetenoApiError(400, {"message": "keyValue has a forbidden character or is too long"})
     return key_value
 
 
@@ -201,7 +201,7 @@ def _required_params_body(required: list[str]) -> str:
 def _reject_poison(state: StandinState, *identities: Any) -> None:
     for identity in identities:
         if identity and identity in state.faults.poison_ids:
-            raise Rejected(400, {"message": f"invalid contact data: {identity}"})
+            raise RetenoApiError(400, {"message": f"invalid contact data: {identity}"})
 
 
 def _non_empty_str(value: Any) -> bool:

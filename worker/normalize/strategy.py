@@ -10,12 +10,15 @@ from __future__ import annotations
 from confluent_kafka import KafkaError, Message
 
 from worker import logs, metrics
-from worker.config import Settings
-from worker.dead_letters import Kind, dead_letter_headers
+from worker.config import Config
+from worker.dlq.headers import Kind
+from worker.dlq.writer import DeadLetterWriter
 from worker.health import HEALTH
+from worker.kafka.clients import KafkaClients
 from worker.kafka.consumer_loop import ConsumerLoop
 from worker.kafka.offsets import Batch, TopicPartitionKey
-from worker.kafka.producer import Producer, ProducerFatal
+from worker.kafka.producer import ProducerFatal
+from worker.names import NORMALIZE_ROLE, RAW, Names
 from worker.normalize.geo import GeoEnricher
 from worker.normalize.identities import IdentityMap, IdentityTopicReader
 from worker.normalize.pipeline import Normaliser, Result
@@ -32,16 +35,17 @@ class NormaliseStrategy:
     message (about a tenth of the per-event cost). The flush waits one broker round trip a batch.
     """
 
-    def __init__(self, settings: Settings, normaliser: Normaliser, properties: dict[str, str]) -> None:
+    def __init__(
+        self, clients: KafkaClients, names: Names, destinations: list[str], normaliser: Normaliser
+    ) -> None:
         self.normaliser = normaliser
         self.failure: str | None = None
-        self.producer = Producer(properties, on_failure=self._on_failure)
-        self.dest_topics = {d: settings.topic(f"dest.{d}") for d in settings.destinations}
-        self.identities_topic = settings.topic("identities")
-        self.dlq_topic = settings.topic("dlq.raw")
-        topics = (*self.dest_topics.values(), self.identities_topic, self.dlq_topic)
+        self.producer = clients.producer(on_failure=self._on_failure)
+        self.dest_topics = {d: names.dest(d) for d in destinations}
+        self.identities_topic = names.identities
+        self.dead_letters = DeadLetterWriter(self.producer, names.dlq(RAW), RAW)
+        topics = (*self.dest_topics.values(), self.identities_topic, self.dead_letters.topic)
         self._produced = {t: metrics.PRODUCED.labels(t) for t in topics}
-        self._dead_lettered = metrics.DEAD_LETTERED.labels("raw", Kind.INVALID)
         self._counts = dict.fromkeys(topics, 0)
 
     def _on_failure(self, error: KafkaError | None, message: Message) -> None:
@@ -82,27 +86,9 @@ class NormaliseStrategy:
             metrics.FILTERED.labels(reason).inc()
             log.debug("event filtered", reason=reason, topic=message.topic(), offset=message.offset())
         for rejected in result.rejected:
-            extra = {} if rejected.batch_index is None else {"batch_index": str(rejected.batch_index)}
-            headers = dead_letter_headers(
-                error=rejected.reason,
-                kind=Kind.INVALID,
-                original_topic=message.topic(),
-                original_partition=message.partition(),
-                original_offset=message.offset(),
-                destination="raw",
-                extra=extra,
-            )
-            produce(self.dlq_topic, rejected.value, message.key(), headers=headers)
-            counts[self.dlq_topic] += 1
-            self._dead_lettered.inc()
-            log.info(
-                "dead-lettered",
-                reason=rejected.reason,
-                topic=message.topic(),
-                partition=message.partition(),
-                offset=message.offset(),
-                batch_index=rejected.batch_index,
-            )
+            extra = None if rejected.index is None else {"batch_index": str(rejected.index)}
+            self.dead_letters.write(message, Kind.INVALID, rejected.reason, value=rejected.value, extra=extra)
+            counts[self.dead_letters.topic] += 1
 
     def poll(self) -> None:
         self.producer.poll(0)
@@ -119,20 +105,17 @@ class NormaliseStrategy:
         self.producer.flush(5)
 
 
-def build(settings: Settings) -> tuple[ConsumerLoop, IdentityTopicReader]:
+def build(config: Config) -> tuple[ConsumerLoop, IdentityTopicReader]:
+    settings, names = config.settings, config.names
     identities = IdentityMap(settings.identity_cache_size)
-    reader = IdentityTopicReader(settings.kafka_properties, settings.topic("identities"), identities)
+    reader = IdentityTopicReader(config.kafka, names.identities, identities)
     enrichers = [
         GeoEnricher(settings.geoip_database, settings.ip_cache_size),
         UserAgentEnricher(settings.ua_cache_size),
     ]
     normaliser = Normaliser(settings.destinations, identities, enrichers)
-    strategy = NormaliseStrategy(settings, normaliser, settings.kafka_properties)
+    strategy = NormaliseStrategy(config.kafka, names, settings.destinations, normaliser)
     loop = ConsumerLoop(
-        settings.kafka_properties,
-        settings.group("normalize"),
-        [settings.topic("raw")],
-        strategy,
-        batch_size=settings.consume_batch_size,
+        config.kafka, NORMALIZE_ROLE, [names.raw], strategy, batch_size=settings.consume_batch_size
     )
     return loop, reader

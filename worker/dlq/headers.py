@@ -1,6 +1,7 @@
 """Dead-letter records: the original bytes and key, plus headers saying what failed and where it came from.
 
-Header names are part of DESIGN.md's public contract (operators filter and replay by them).
+Header names are part of the public contract (docs/CONTRACT.md#dead-letter-headers): operators filter
+and replay by them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,148 @@
+"""The one factory for the product's Kafka clients.
+
+Every consumer, producer and admin client is built here from the user's `KAFKA_*` properties
+(SASL/TLS and any other librdkafka property), so no tool connects without the security its
+operator configured. It drops the properties librdkafka would warn about on the other kind of
+client, and it applies the consumer group prefix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
+
+from worker.kafka.producer import DeliveryCallback, Producer
+
+# A member of one of the product's consumer groups (the roles, dlq replay).
+GROUP_CONSUMER_DEFAULTS = {
+    "enable.auto.commit": "true",
+    "enable.auto.offset.store": "false",
+    "auto.commit.interval.ms": "1000",
+    "auto.offset.reset": "earliest",
+    # Rebalances stall the whole group; keep the bound on one loop turn generous but finite.
+    "max.poll.interval.ms": "300000",
+    # Per-partition lag for /metrics comes from librdkafka's statistics.
+    "statistics.interval.ms": "5000",
+    # librdkafka prefetches up to 100k messages / 64 MB by default, and a paused partition's
+    # prefetched messages still arrive (the loop keeps them, in order): bound that, so a role that
+    # is refusing work (a sink whose destination is down) holds a bounded amount of memory.
+    "queued.min.messages": "10000",
+    "queued.max.messages.kbytes": "16384",
+}
+
+# A reader that assigns partitions itself and commits nothing (tail, dlq inspect, identity map).
+READER_DEFAULTS = {"enable.auto.commit": "false", "enable.auto.offset.store": "false", "enable.partition.eof": "false"}
+
+PRODUCER_DEFAULTS = {
+    # Idempotence gives per-partition ordering without duplicates across internal retries,
+    # which is what keeps one person's events in order.
+    "enable.idempotence": "true",
+    "acks": "all",
+    "compression.type": "lz4",
+    "linger.ms": "5",
+    "batch.num.messages": "10000",
+    "queue.buffering.max.messages": "200000",
+    # A message not delivered in 2 minutes fails (and so does its input's commit); kept below
+    # max.poll.interval.ms so a flush that waits for it cannot get the consumer thrown out of its group.
+    "message.timeout.ms": "120000",
+}
+
+# Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
+PRODUCER_ONLY = (
+    "acks",
+    "linger.ms",
+    "compression.",
+    "enable.idempotence",
+    "batch.",
+    "queue.buffering",
+    "message.timeout.ms",
+    "retries",
+    "transactional.id",
+)
+# Consumer-only properties, likewise for producers.
+CONSUMER_ONLY = (
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "auto.offset.reset",
+    "group.",
+    "fetch.",
+    "max.poll.interval.ms",
+    "enable.auto",
+    "auto.commit",
+    "partition.assignment",
+    "isolation.",
+    "queued.",
+)
+
+
+class KafkaClients:
+    def __init__(self, properties: Mapping[str, str], group_prefix: str = "") -> None:
+        self.properties = dict(properties)
+        self.group_prefix = group_prefix
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.properties.get("bootstrap.servers", "")
+
+    def with_properties(self, **changes: str) -> KafkaClients:
+        """The same factory with some properties changed (`bootstrap_servers="..."` for `bootstrap.servers`)."""
+        updated = {**self.properties, **{k.replace("_", "."): v for k, v in changes.items()}}
+        return KafkaClients(updated, self.group_prefix)
+
+    def group_id(self, role: str) -> str:
+        return f"{self.group_prefix}{role}"
+
+    # -- consumers --------------------------------------------------------------------------------
+
+    def consumer_config(self, role: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A group member's configuration: our defaults, the user's properties, then `overrides`."""
+        return {
+            **GROUP_CONSUMER_DEFAULTS,
+            **self._without(PRODUCER_ONLY),
+            "group.id": self.group_id(role),
+            **(overrides or {}),
+        }
+
+    def consumer(self, role: str, overrides: Mapping[str, Any] | None = None) -> Consumer:
+        return Consumer(self.consumer_config(role, overrides))
+
+    def reader(self, purpose: str, overrides: Mapping[str, Any] | None = None) -> Consumer:
+        """A consumer that assigns partitions itself and commits nothing; its group id is its own."""
+        config = {
+            **self._without(PRODUCER_ONLY),
+            **READER_DEFAULTS,
+            "group.id": self.group_id(f"{purpose}-{uuid.uuid4().hex[:12]}"),
+            **(overrides or {}),
+        }
+        return Consumer(config)
+
+    # -- producers and admin ----------------------------------------------------------------------
+
+    def producer_config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return {**PRODUCER_DEFAULTS, **self._without(CONSUMER_ONLY), **(overrides or {})}
+
+    def producer(
+        self, overrides: Mapping[str, Any] | None = None, on_failure: DeliveryCallback | None = None
+    ) -> Producer:
+        return Producer(self.producer_config(overrides), on_failure=on_failure)
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self._without((*PRODUCER_ONLY, *CONSUMER_ONLY)))
+
+    def _without(self, prefixes: tuple[str, ...]) -> dict[str, str]:
+        return {k: v for k, v in self.properties.items() if not k.startswith(prefixes)}
+
+    def produce_and_wait(
+        self, topic: str, items: Sequence[tuple[str | bytes | None, bytes | None]], timeout: float = 30.0
+    ) -> None:
+        """Write (key, value) pairs and wait until every one is acknowledged; raise if any is not."""
+        producer = self.producer()
+        failures: list[str] = []
+        for key, value in items:
+            producer.produce(topic, value, key, lambda err, _m: failures.append(str(err)) if err else None)
+        if producer.flush(timeout) or failures:
+            raise RuntimeError(f"could not write to {topic}: {failures[:3] or 'not acknowledged in time'}")

@@ -1,0 +1,53 @@
+"""What the delivery engine tells the sink strategy, through one channel, from its own thread.
+
+Every item handed to the engine gets exactly one `ItemReport`, whose outcome is `Delivered`,
+`Failed` (dead-letter it) or `Withdrawn` (its partition was revoked: the new owner redoes it).
+Changes of the destination's circuit state travel the same channel as `CircuitReport`, so the
+loop's thread never reads the engine's attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from worker.dlq.headers import Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    kind: Kind
+    reason: str
+    attempts: int
+    http_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    reason: str
+
+
+ItemOutcome = Delivered | Failed | Withdrawn
+DELIVERED = Delivered()
+
+
+@dataclass(frozen=True, slots=True)
+class ItemReport:
+    owner: Any  # what the strategy attached to the item when it submitted it
+    outcome: ItemOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitReport:
+    """The destination is failing for everyone (`open`), or works again."""
+
+    open: bool
+    consecutive_failures: int
+
+
+Report = ItemReport | CircuitReport

@@ -1,0 +1,189 @@
+"""`segment-worker sink DEST`: a destination's consumer group.
+
+The Kafka side of the shared sink runner. For each consumed batch it decodes the Avro records,
+maps each event to the destination's items (a pure function of the destination module) and hands
+them to the delivery engine. The engine's reports arrive on one queue; the tracker
+(worker.sink.tracker) says when a message is settled, failed messages are dead-lettered through
+the one writer (worker.dlq.writer), and a batch is done, so its offsets may be stored, only after a
+2xx or an acknowledged dead letter. While too many items are outstanding (a slow or down
+destination) it refuses batches, and the loop pauses its partitions.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, Message
+
+from worker import logs, metrics
+from worker.avro_codec import EventCodec, UnknownSchema
+from worker.config import Config
+from worker.destinations.base import Destination, Skip, Unmappable
+from worker.dlq.headers import Kind
+from worker.dlq.writer import DeadLetterWriter
+from worker.health import HEALTH
+from worker.kafka.clients import KafkaClients
+from worker.kafka.consumer_loop import Backpressure, ConsumerLoop
+from worker.kafka.offsets import Batch, TopicPartitionKey
+from worker.kafka.producer import ProducerFatal
+from worker.names import Names, sink_role
+from worker.sink.delivery import DeliveryEngine, Pending
+from worker.sink.reports import CircuitReport, Failed, ItemReport, Report
+from worker.sink.settings import SinkSettings
+from worker.sink.tracker import OpenMessage, SinkTracker
+
+log = logs.get(__name__)
+
+
+class SinkStrategy:
+    def __init__(self, clients: KafkaClients, names: Names, sink: SinkSettings, destination: Destination) -> None:
+        self.destination = destination
+        self.name = destination.name
+        self.max_buffered = sink.max_buffered_events
+        self.codec = EventCodec()
+        self.producer = clients.producer()
+        self.dead_letters = DeadLetterWriter(self.producer, names.dlq(self.name), self.name)
+        self.tracker = SinkTracker()
+        self.reports: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self.engine = DeliveryEngine(destination, sink, self.reports.put)
+        self.engine.start()
+        self.outstanding = 0  # items handed to the engine and not yet reported
+        self.dead_letters_in_flight = 0
+        self.failure: str | None = None
+
+    # -- intake -----------------------------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> None:
+        if self.outstanding >= self.max_buffered:
+            self.poll()
+            if self.outstanding >= self.max_buffered:
+                raise Backpressure
+        work: list[Pending] = []
+        for entry in self.tracker.open(batch):
+            message = entry.message
+            try:
+                items = self._map(message)
+            except Skip as skip:
+                metrics.FILTERED.labels(f"{self.name}: {skip.reason}").inc()
+                log.debug("event filtered", destination=self.name, reason=skip.reason, offset=message.offset())
+                self.tracker.expect(entry, 0)
+                self._finish(entry)
+                continue
+            except Unmappable as unmappable:
+                self.tracker.fail(entry, Failed(Kind.INVALID, unmappable.reason, 0))
+                self._finish(entry)
+                continue
+            # An item's size for the request byte limit: the whole event's record length, an upper
+            # bound in practice (a payload maps a subset of the event) that costs nothing to get. A
+            # request that still comes out too large gets 413 and is halved.
+            size = len(message.value() or b"")
+            work.extend(Pending(item, entry, size) for item in items)
+            if self.tracker.expect(entry, len(items)):
+                self._finish(entry)
+        self.outstanding += len(work)
+        metrics.OUTSTANDING.set(self.outstanding)
+        self.engine.submit(work)
+
+    def _map(self, message: Message) -> list[Any]:
+        value = message.value()
+        if value is None:
+            raise Unmappable("empty message")
+        try:
+            event, _extra = self.codec.decode(value)
+        except (UnknownSchema, ValueError, IndexError, UnicodeDecodeError) as exc:
+            raise Unmappable(f"cannot decode the record: {exc}") from None
+        return self.destination.map_event(event)
+
+    # -- reports from the engine ----------------------------------------------------------------
+
+    def poll(self) -> None:
+        self.producer.poll(0)
+        if self.failure:
+            raise ProducerFatal(self.failure)
+        reports = self.reports
+        while True:
+            try:
+                report = reports.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(report, CircuitReport):
+                self._on_circuit(report)
+                continue
+            assert isinstance(report, ItemReport)
+            self.outstanding -= 1
+            entry: OpenMessage = report.owner
+            if self.tracker.report(entry, report.outcome):
+                self._finish(entry)
+        metrics.OUTSTANDING.set(self.outstanding)
+
+    def _on_circuit(self, report: CircuitReport) -> None:
+        failing = f"{self.name} failing: {report.consecutive_failures} requests in a row"
+        HEALTH.set_blocked(failing if report.open else None)
+        log.warning("destination circuit open" if report.open else "destination circuit closed", destination=self.name)
+
+    def _finish(self, entry: OpenMessage) -> None:
+        """All of a message's items are reported: dead-letter it if any failed, then complete it."""
+        failure = entry.failure
+        if failure is None:
+            self.tracker.complete(entry)
+            return
+        self.dead_letters_in_flight += 1
+
+        def acknowledged(error: KafkaError | None, _record: Message) -> None:
+            self.dead_letters_in_flight -= 1
+            if error is not None:
+                self.failure = f"dead letter to {self.dead_letters.topic} failed: {error}"
+                return
+            self.tracker.complete(entry)
+
+        self.dead_letters.write(
+            entry.message,
+            failure.kind,
+            failure.reason,
+            attempts=failure.attempts,
+            http_status=failure.http_status,
+            on_delivery=acknowledged,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.outstanding or self.dead_letters_in_flight) and time.monotonic() < deadline:
+            HEALTH.beat()
+            self.poll()
+            self.producer.poll(0.05)
+        if self.outstanding or self.dead_letters_in_flight:
+            log.warning(
+                "drain timed out; unfinished messages stay uncommitted",
+                destination=self.name,
+                outstanding=self.outstanding,
+            )
+
+    def revoke(self, partitions: list[TopicPartitionKey]) -> None:
+        """Withdraw the revoked partitions' unfinished messages: their new owner redoes them."""
+        gone = set(partitions)
+        self.engine.withdraw(lambda entry: entry.key in gone)
+        self.tracker.withdraw(partitions)
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.producer.flush(10)
+
+
+def build(config: Config, destination_name: str) -> ConsumerLoop:
+    """The sink for `destination_name`, configured from `config`; raises ConfigError on bad settings."""
+    sink = config.sink()
+    destination = config.destination(destination_name)
+    strategy = SinkStrategy(config.kafka, config.names, sink, destination)
+    return ConsumerLoop(
+        config.kafka,
+        sink_role(destination_name),
+        [config.names.dest(destination_name)],
+        strategy,
+        batch_size=config.settings.consume_batch_size,
+        # A rebalance waits for this; a down destination must not stall the whole group for long.
+        drain_timeout=min(10.0, sink.request_timeout * 2),
+    )
