@@ -32,7 +32,7 @@ from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
 from worker.kafka.clients import KafkaClients
 from worker.kafka.reading import assign_all, partitions_of, read_until_quiet
 from worker.names import RAW, sink_role
-from worker.processes import FAST_GROUP_ENV, Role
+from worker.processes import Role
 from worker.samples import sample_payloads
 from worker.standins.server import standin_env
 from worker.tail import decode_value
@@ -158,7 +158,7 @@ def run_demo(config: Config, tansu_bin: str | None = None, keep_running: bool = 
             "TOPIC_PREFIX": settings.topic_prefix,
             "CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
             "DESTINATIONS": ",".join(settings.destinations),
-            **FAST_GROUP_ENV,
+            **broker.client_workarounds,
             **standin_env(base),
         }
         _say(f"[3/6] starting the stand-in destinations on {base}")

@@ -8,9 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The embedded broker rebalances in about half the session timeout; these keep a group join ~1 s.
-FAST_GROUP_ENV = {"KAFKA_SESSION_TIMEOUT_MS": "2000", "KAFKA_HEARTBEAT_INTERVAL_MS": "200"}
-
 
 class Role:
     """A running `segment-worker` command, stopped by its PID."""

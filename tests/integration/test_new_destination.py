@@ -94,9 +94,7 @@ def test_settings_cli_and_topics_know_the_new_destination(echo, prefix) -> None:
 def test_the_new_destinations_sink_delivers_to_its_standin(echo, broker, prefix) -> None:
     with StandinsThread({}) as standins:
         env = {**standin_env(f"http://127.0.0.1:{standins.port}"), "SINK_LINGER_MS": "10"}
-        config = settings_for(
-            broker, prefix, partitions=2, KAFKA_SESSION_TIMEOUT_MS="2000", KAFKA_HEARTBEAT_INTERVAL_MS="200", **env
-        )
+        config = settings_for(broker, prefix, partitions=2, **env)
         setup_topics(config)
         events = track_events(40, users=5, prefix="echo")
         write_events(config, "echo", events)

@@ -8,7 +8,16 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from tests.kafka_helpers import produce, read, read_count, settings_for, settle, setup_topics, start_role
+from tests.kafka_helpers import (
+    crash_test_variables,
+    produce,
+    read,
+    read_count,
+    settings_for,
+    settle,
+    setup_topics,
+    start_role,
+)
 from worker.avro_codec import EventCodec
 from worker.dlq.headers import header_map
 from worker.samples import sample_payloads
@@ -141,13 +150,14 @@ def test_sigterm_mid_stream_loses_nothing(settings, tmp_path):
     assert len(messages) - total < 0.05 * total
 
 
-def test_kill_9_mid_stream_loses_nothing(settings, tmp_path):
+def test_kill_9_mid_stream_loses_nothing(broker, settings, tmp_path):
+    crash = crash_test_variables(broker)
     total = 20_000
     produce(settings, "raw", [_track(i) for i in range(total)])
-    first = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude")
+    first = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude", **crash)
     read(settings, "dest.amplitude", lambda seen: len(seen) >= 2000, timeout=60)
     first.kill()
-    second = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude")
+    second = start_role(settings, ["normalize"], tmp_path, DESTINATIONS="amplitude", **crash)
     try:
         messages = read(settings, "dest.amplitude", lambda seen: len(_message_ids(seen)) >= total, timeout=90)
     finally:

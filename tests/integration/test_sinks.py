@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.kafka_helpers import read, read_count, settings_for, settle, setup_topics
+from tests.kafka_helpers import crash_test_variables, read, read_count, settings_for, settle, setup_topics
 from tests.sink_helpers import DESTINATIONS, start_sink, track_events, write_events
 from worker.avro_codec import EventCodec
 from worker.dlq.headers import header_map
@@ -92,16 +92,17 @@ def test_exactly_once_through_a_429_storm_honouring_retry_after(settings, standi
 
 
 @pytest.mark.parametrize("destination", DESTINATIONS)
-def test_kill_9_mid_batch_then_restart_delivers_everything(settings, standins, destination, tmp_path):
+def test_kill_9_mid_batch_then_restart_delivers_everything(broker, settings, standins, destination, tmp_path):
+    crash = crash_test_variables(broker)
     events = track_events(1500)
     # Slow enough to be caught mid-way: every request waits on a 10% error rate's retries.
     standins.faults(destination, error_rate=0.1, seed=3)
     write_events(settings, destination, events)
-    first = start_sink(settings, destination, standins, tmp_path)
+    first = start_sink(settings, destination, standins, tmp_path, **crash)
     standins.wait_received(destination, 100)
     first.kill()
     assert len(standins.received(destination)) < len(events), "finished before the kill; nothing tested"
-    second = start_sink(settings, destination, standins, tmp_path)
+    second = start_sink(settings, destination, standins, tmp_path, **crash)
     try:
         received = standins.wait_received(destination, len(events), timeout=90)
     finally:
@@ -231,11 +232,14 @@ def test_a_second_sink_joins_mid_stream_and_nothing_is_lost(settings, standins, 
     events = track_events(6000, users=60)
     standins.faults("reteno", error_rate=0.4, seed=5)
     write_events(settings, "reteno", events)
-    first = start_sink(settings, "reteno", standins, tmp_path)
+    # One request at a time (Reteno takes one item a request), so the first sink is still busy when
+    # the second has joined, on a broker that rebalances in well under a second too.
+    slow = {"SINK_CONCURRENCY": "1"}
+    first = start_sink(settings, "reteno", standins, tmp_path, **slow)
     second = None
     try:
         standins.wait_received("reteno", 200)
-        second = start_sink(settings, "reteno", standins, tmp_path)
+        second = start_sink(settings, "reteno", standins, tmp_path, **slow)
         deadline = time.monotonic() + 30
         while "partitions assigned" not in second.log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)

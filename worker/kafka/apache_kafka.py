@@ -48,6 +48,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 from worker.kafka.broker import BrokerNotFound, free_port, serve_in_foreground, stop_process, wait_for_port
 
@@ -210,6 +211,9 @@ def _tail(path: Path | None, limit: int = 4000) -> str:
 
 class ApacheKafkaBroker:
     """A single-node Apache Kafka (KRaft) process on loopback. Use as a context manager, or start()/stop()."""
+
+    kind = "apache-kafka"
+    client_workarounds: ClassVar[dict[str, str]] = {}  # clients get the settings users get
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class BrokerNotFound(RuntimeError):
@@ -59,6 +59,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """A Tansu process on loopback. Use as a context manager, or start()/stop()."""
 
+    kind = "embedded"
+    # Client settings that exist only for this broker (docs/BROKERS.md): it rebalances in about
+    # half the session timeout, so tests and `demo` keep a group join near a second. Never defaults.
+    client_workarounds: ClassVar[dict[str, str]] = {
+        "KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "200",
+    }
+
     def __init__(
         self, port: int = 9092, host: str = "127.0.0.1", log_path: Path | None = None, binary: str | None = None
     ) -> None:
@@ -102,6 +110,8 @@ class LoopbackBroker(Protocol):
     """A broker process on loopback (the embedded Tansu, or Apache Kafka from its jars)."""
 
     process: subprocess.Popen[bytes] | None
+    kind: str  # "embedded" | "apache-kafka"
+    client_workarounds: ClassVar[dict[str, str]]  # KAFKA_* settings only this broker needs (tests, demo)
 
     @property
     def bootstrap_servers(self) -> str: ...
