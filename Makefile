@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench kcat-env clean
+.PHONY: install test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
 
 install: $(STAMP)
 
@@ -19,11 +19,26 @@ $(STAMP): pyproject.toml
 lint: install
 	$(VENV)/bin/ruff check worker tests bench
 
+# The integration tests run on both brokers: the embedded one and Apache Kafka (its jars come from
+# Maven Central on the first run and are cached in .cache/; without a JDK that leg is reported skipped).
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --broker both
+
+test-embedded: install
+	$(PY) -m pytest -q --broker embedded
+
+test-apache-kafka: install
+	$(PY) -m pytest -q --broker apache-kafka
 
 demo: install
 	$(PY) -m worker demo
+
+demo-apache-kafka: install
+	$(PY) -m worker demo --broker apache-kafka
+
+# A single-node Apache Kafka (KRaft) on 127.0.0.1:9092 in the foreground, from its Maven Central jars.
+apache-kafka: install
+	$(PY) -m worker broker --apache-kafka --port 9092
 
 bench: install
 	$(PY) bench/normalize_throughput.py

@@ -254,13 +254,21 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, limit: int | None
 
 @cli.command()
 @click.option("--keep-running", is_flag=True, help="leave the stack up and print how to send more")
+@click.option(
+    "--broker",
+    "broker_kind",
+    type=click.Choice(["embedded", "apache-kafka"]),
+    default="embedded",
+    show_default=True,
+    help="apache-kafka: a real Apache Kafka node from its Maven Central jars (needs java and mvn)",
+)
 @click.pass_context
-def demo(ctx: click.Context, keep_running: bool) -> None:
+def demo(ctx: click.Context, keep_running: bool, broker_kind: str) -> None:
     """Everything on one machine with the embedded broker; sends sample traffic and prints what came out."""
     from worker.demo import run_demo
 
     config = _config(ctx)
-    sys.exit(run_demo(config, config.sources.get("TANSU_BIN"), keep_running))
+    sys.exit(run_demo(config, config.sources.get("TANSU_BIN"), keep_running, broker_kind))
 
 
 def main() -> None:

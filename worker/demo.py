@@ -1,4 +1,5 @@
-"""`segment-worker demo`: the whole pipeline on one machine with the embedded broker.
+"""`segment-worker demo`: the whole pipeline on one machine with the embedded broker (or, with
+`--broker apache-kafka`, Apache Kafka from its Maven Central jars).
 
 Starts the broker, creates the topics, starts the stand-in destinations, the collector, the
 normaliser and the four sinks as child processes; sends sample traffic (several users, every
@@ -28,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker.avro_codec import EventCodec
 from worker.config import Config
 from worker.dlq.headers import header_map
-from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
+from worker.kafka.broker import EmbeddedBroker, LoopbackBroker, free_port, wait_for_port
 from worker.kafka.clients import KafkaClients
 from worker.kafka.reading import assign_all, partitions_of, read_until_quiet
 from worker.names import RAW, sink_role
@@ -138,11 +139,25 @@ class Stack:
             role.terminate()
 
 
-def run_demo(config: Config, tansu_bin: str | None = None, keep_running: bool = False) -> int:
+def start_broker(kind: str, workdir: Path, tansu_bin: str | None) -> LoopbackBroker:
+    """The embedded broker (the default), or Apache Kafka from its Maven Central jars."""
+    if kind == "apache-kafka":
+        from worker.kafka.apache_kafka import KAFKA_VERSION, ApacheKafkaBroker
+
+        broker: LoopbackBroker = ApacheKafkaBroker(log_path=workdir / "broker.log")
+        _say(f"[1/6] starting Apache Kafka {KAFKA_VERSION} on {broker.bootstrap_servers} (logs in {workdir})")
+    else:
+        broker = EmbeddedBroker(free_port(), log_path=workdir / "broker.log", binary=tansu_bin)
+        _say(f"[1/6] starting the embedded broker on {broker.bootstrap_servers} (logs in {workdir})")
+    broker.start()
+    return broker
+
+
+def run_demo(
+    config: Config, tansu_bin: str | None = None, keep_running: bool = False, broker_kind: str = "embedded"
+) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="segment-demo-"))
-    port = free_port()
-    _say(f"[1/6] starting the embedded broker on 127.0.0.1:{port} (logs in {workdir})")
-    broker = EmbeddedBroker(port, log_path=workdir / "broker.log", binary=tansu_bin).start()
+    broker = start_broker(broker_kind, workdir, tansu_bin)
     config = Config.from_sources(
         {**config.sources, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "TOPIC_PARTITIONS": "3"}
     )
