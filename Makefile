@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
+.PHONY: install fuzz test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ lint: install
 # Maven Central on the first run and are cached in .cache/; without a JDK that leg is reported skipped).
 test: install lint
 	$(PY) -m pytest -q --broker both
+
+# The property tests with many more examples than `make test` gives them.
+fuzz: install
+	FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/unit -k fuzz
 
 test-embedded: install
 	$(PY) -m pytest -q --broker embedded

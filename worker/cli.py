@@ -38,6 +38,23 @@ def _refusing_bad_config() -> Iterator[None]:
         sys.exit(CONFIG_EXIT_CODE)
 
 
+# Exit code of a role that stopped itself: its own machinery failed, or too many dead letters in a row.
+ROLE_FAILED_EXIT_CODE = 3
+
+
+@contextmanager
+def _stopping_on_role_failure() -> Iterator[None]:
+    """The failures that end a role (never one event's problem) end it with one clear log line."""
+    from worker.dlq.writer import DeadLetterLimitExceeded
+    from worker.kafka.producer import ProducerFatal
+
+    try:
+        yield
+    except (DeadLetterLimitExceeded, ProducerFatal) as exc:
+        logs.get("worker.cli").error("role stopped", reason=str(exc), error=type(exc).__name__)
+        sys.exit(ROLE_FAILED_EXIT_CODE)
+
+
 class DestinationName(click.ParamType):
     """A registered destination (read when the command line is parsed, so a registered plug-in counts)."""
 
@@ -140,7 +157,8 @@ def normalize(ctx: click.Context) -> None:
     _stop_on_signals(loop.stop)
     reader.start()
     try:
-        loop.run()
+        with _stopping_on_role_failure():
+            loop.run()
     finally:
         reader.close()
 
@@ -172,7 +190,8 @@ def sink(ctx: click.Context, destination: str) -> None:
         loop = build(config, destination)
     health.serve(config.settings.metrics_port)
     _stop_on_signals(loop.stop)
-    loop.run()
+    with _stopping_on_role_failure():
+        loop.run()
 
 
 @cli.command()

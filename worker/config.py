@@ -18,6 +18,7 @@ from worker.collector.settings import CollectorSettings
 from worker.config_loader import ConfigError, Section, Sources, read_sources, split_csv
 from worker.destinations import registry
 from worker.destinations.base import Destination
+from worker.dlq.settings import DlqSettings
 from worker.kafka.clients import KafkaClients
 from worker.names import Names
 from worker.sink.settings import SinkSettings
@@ -65,6 +66,11 @@ class Settings(Section):
         return Names(self.topic_prefix, self.consumer_group_prefix)
 
 
+def sections() -> tuple[type[Section], ...]:
+    """Every settings class of the product, each destination's included (docs, deploy checks)."""
+    return (Settings, SinkSettings, CollectorSettings, DlqSettings, *(e.config for e in registry.entries()))
+
+
 def kafka_properties(sources: Sources, bootstrap_servers: str) -> dict[str, str]:
     """librdkafka properties: bootstrap servers plus every other `KAFKA_<PROPERTY>` variable."""
     props = {"bootstrap.servers": bootstrap_servers}
@@ -107,6 +113,9 @@ class Config:
 
     def sink(self) -> SinkSettings:
         return SinkSettings.from_sources(self.sources)
+
+    def dlq(self) -> DlqSettings:
+        return DlqSettings.from_sources(self.sources)
 
     def collector(self) -> CollectorSettings:
         return CollectorSettings.from_sources(self.sources)

@@ -30,7 +30,7 @@ import worker.metrics
 import worker.sink.delivery  # registers the sink's metrics
 from worker.cli import cli
 from worker.collector.settings import CollectorSettings
-from worker.config import Settings
+from worker.config import Settings, sections
 from worker.config_loader import CONFIG_FILE_VARIABLE, Section
 from worker.destinations import registry
 from worker.kafka.consumer_loop import ConsumerLoop
@@ -80,8 +80,8 @@ def _of_kind(kind: str) -> dict[str, dict[str, Any]]:
 # -- what the code defines -------------------------------------------------------------------------
 
 
-def _settings_classes() -> list[type[Section]]:
-    return [Settings, SinkSettings, CollectorSettings, *(entry.config for entry in registry.entries())]
+def _settings_classes() -> tuple[type[Section], ...]:
+    return sections()
 
 
 def known_env_vars() -> set[str]:
