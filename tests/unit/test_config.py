@@ -107,3 +107,11 @@ def test_a_sink_needs_its_destinations_key():
 def test_an_unknown_destination_is_an_error():
     with pytest.raises(ConfigError, match="unknown destination 'mixpanel'"):
         Config.from_sources({}).destination("mixpanel")
+
+
+def test_replicated_topics_require_two_in_sync_copies():
+    from worker.topics import topic_specs
+
+    three = topic_specs(Config.from_sources({"TOPIC_REPLICATION_FACTOR": "3"}))
+    assert {spec.config["min.insync.replicas"] for spec in three} == {"2"}
+    assert all("min.insync.replicas" not in spec.config for spec in topic_specs(Config.from_sources({})))

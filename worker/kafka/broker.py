@@ -110,7 +110,7 @@ class LoopbackBroker(Protocol):
     """A broker process on loopback (the embedded Tansu, or Apache Kafka from its jars)."""
 
     process: subprocess.Popen[bytes] | None
-    kind: str  # "embedded" | "apache-kafka"
+    kind: str  # "embedded" | "apache-kafka" | "apache-kafka-cluster"
     client_workarounds: ClassVar[dict[str, str]]  # KAFKA_* settings only this broker needs (tests, demo)
 
     @property
