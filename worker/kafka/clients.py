@@ -3,7 +3,8 @@
 Every consumer, producer and admin client is built here from the user's `KAFKA_*` properties
 (SASL/TLS and any other librdkafka property), so no tool connects without the security its
 operator configured. It drops the properties librdkafka would warn about on the other kind of
-client, and it applies the consumer group prefix.
+client, it refuses consumer properties the chosen group protocol does not take, and it applies the
+consumer group prefix.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
+from worker.config_loader import ConfigError
 from worker.kafka.producer import DeliveryCallback, Producer
 
 # A member of one of the product's consumer groups (the roles, dlq replay).
@@ -78,6 +80,36 @@ CONSUMER_ONLY = (
     "queued.",
 )
 
+# Classic-protocol consumer properties that a KIP-848 group (`group.protocol=consumer`) does not
+# take: its broker sets the session timeout and heartbeat interval (group.consumer.session.timeout.ms,
+# group.consumer.heartbeat.interval.ms, or per group) and assigns the partitions (the client picks
+# the broker's assignor with group.remote.assignor). librdkafka 2.16 refuses to create a consumer
+# that sets any of these (_INVALID_ARG, one property at a time), and so does the Java client
+# (ConfigException); they are refused here too, all of them in one line naming the KAFKA_*
+# variables, rather than dropped with a warning: a user who set a session timeout relies on its
+# failover time, and a dropped setting would silently give the broker's (45 s by default).
+CLASSIC_PROTOCOL_ONLY = (
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+    "group.protocol.type",
+)
+
+
+def refuse_classic_only(config: Mapping[str, Any]) -> None:
+    """Raise ConfigError if a `group.protocol=consumer` consumer's `config` sets a classic-only property."""
+    if str(config.get("group.protocol", "classic")).strip().lower() != "consumer":
+        return
+    found = [name for name in CLASSIC_PROTOCOL_ONLY if name in config]
+    if found:
+        named = ", ".join(f"{name} (KAFKA_{name.upper().replace('.', '_')})" for name in found)
+        raise ConfigError(
+            f"KAFKA_GROUP_PROTOCOL=consumer (KIP-848) does not take {named}: the broker sets the group's "
+            "session timeout and heartbeat interval (group.consumer.session.timeout.ms, "
+            "group.consumer.heartbeat.interval.ms) and assigns its partitions (KAFKA_GROUP_REMOTE_ASSIGNOR "
+            "picks the assignor); unset them, or use KAFKA_GROUP_PROTOCOL=classic"
+        )
+
 
 class KafkaClients:
     def __init__(self, properties: Mapping[str, str], group_prefix: str = "") -> None:
@@ -99,13 +131,16 @@ class KafkaClients:
     # -- consumers --------------------------------------------------------------------------------
 
     def consumer_config(self, role: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """A group member's configuration: our defaults, the user's properties, then `overrides`."""
-        return {
+        """A group member's configuration: our defaults, the user's properties, then `overrides`.
+        Raises ConfigError for a classic-only property under `group.protocol=consumer`."""
+        config = {
             **GROUP_CONSUMER_DEFAULTS,
             **self._without(PRODUCER_ONLY),
             "group.id": self.group_id(role),
             **(overrides or {}),
         }
+        refuse_classic_only(config)
+        return config
 
     def consumer(self, role: str, overrides: Mapping[str, Any] | None = None) -> Consumer:
         return Consumer(self.consumer_config(role, overrides))
@@ -118,6 +153,7 @@ class KafkaClients:
             "group.id": self.group_id(f"{purpose}-{uuid.uuid4().hex[:12]}"),
             **(overrides or {}),
         }
+        refuse_classic_only(config)  # librdkafka refuses them even for a consumer that never subscribes
         return Consumer(config)
 
     # -- producers and admin ----------------------------------------------------------------------

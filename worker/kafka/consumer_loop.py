@@ -5,6 +5,13 @@ It owns the Kafka side of at-least-once: consume in batches, hand each message t
 acknowledged, commit on revoke and on shutdown, and pause partitions while the strategy refuses
 work (backpressure). The strategy owns what "processing" and "acknowledged" mean.
 
+Pause state is kept per partition (`_paused`) and re-stated on every assignment, because librdkafka
+keeps an application pause on a partition across revoke and reassignment: a partition assigned
+while the loop refuses work (its carry of refused batches is not empty) is paused, any other
+assigned partition is resumed, a revoked or lost partition is forgotten, and when the carry
+empties (taken, or released on a revoke) every partition still owned is resumed. That holds for
+eager, cooperative-sticky and KIP-848 (`group.protocol=consumer`) assignment alike.
+
 Commits: librdkafka auto-commits *stored* offsets every `auto.commit.interval.ms`
 (`enable.auto.offset.store=false`, so nothing is stored before it is done); revoke and shutdown
 commit synchronously so a new owner starts exactly where we stopped.
@@ -55,6 +62,16 @@ def _keys(partitions: list[TopicPartition]) -> list[TopicPartitionKey]:
     return [(p.topic, p.partition) for p in partitions]
 
 
+def _rebalances_incrementally(config: dict[str, Any]) -> bool:
+    """Whether librdkafka runs this group's rebalances incrementally (COOPERATIVE: a callback gets only
+    the partitions that change) rather than eagerly. KIP-848 groups always do; classic ones do when
+    the assignors are cooperative, and librdkafka refuses a mix of eager and cooperative assignors."""
+    if str(config.get("group.protocol", "classic")).strip().lower() == "consumer":
+        return True
+    strategies = str(config.get("partition.assignment.strategy", "range,roundrobin")).lower()
+    return "cooperative-sticky" in (s.strip() for s in strategies.split(","))
+
+
 class ConsumerLoop:
     def __init__(
         self,
@@ -78,8 +95,12 @@ class ConsumerLoop:
         self.tracker = OffsetTracker()
         self.assignment: set[TopicPartitionKey] = set()
         self._carry: deque[Batch] = deque()  # refused by the strategy; offered again, in order
-        self._paused = False
+        # Owned partitions this loop has paused (backpressure): of the partitions we own, exactly the
+        # ones librdkafka has paused.
+        self._paused: set[TopicPartitionKey] = set()
+        self._incremental = _rebalances_incrementally(self.config)
         self._stopping = False
+        self._drained_for_shutdown = False
         self._consumer: Consumer | None = None
 
     def stop(self) -> None:
@@ -174,17 +195,22 @@ class ConsumerLoop:
     # -- backpressure -----------------------------------------------------------------------------
 
     def _pause(self) -> None:
-        if self._paused or self._consumer is None:
+        """The strategy refused a batch: pause every owned partition not paused yet."""
+        unpaused = self.assignment - self._paused
+        if not unpaused or self._consumer is None:
             return
-        self._paused = True
-        self._consumer.pause([TopicPartition(t, p) for t, p in self.assignment])
-        metrics.PAUSED_PARTITIONS.set(len(self.assignment))
+        self._consumer.pause([TopicPartition(t, p) for t, p in unpaused])
+        self._paused |= unpaused
+        metrics.PAUSED_PARTITIONS.set(len(self._paused))
 
     def _resume(self) -> None:
+        """The carry is empty: resume every partition we own. (All of them, not only `_paused`: it
+        costs nothing and leaves no partition paused whatever librdkafka kept from before.)"""
         if not self._paused or self._consumer is None:
             return
-        self._paused = False
-        self._consumer.resume([TopicPartition(t, p) for t, p in self.assignment])
+        self._paused.clear()
+        if self.assignment:
+            self._consumer.resume([TopicPartition(t, p) for t, p in self.assignment])
         metrics.PAUSED_PARTITIONS.set(0)
 
     # -- statistics -------------------------------------------------------------------------------
@@ -204,10 +230,29 @@ class ConsumerLoop:
     # -- rebalance --------------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Take the partitions, then state their pause: paused iff we are refusing work (the carry is
+        not empty), else resumed. librdkafka keeps an application pause across revoke and
+        reassignment, so a partition we paused while we owned it before would otherwise come back
+        paused with nothing left to resume it."""
         metrics.REBALANCES.labels("assign").inc()
-        self.assignment.update(_keys(partitions))
-        if self._paused:
-            consumer.pause(partitions)
+        # Assign here rather than leave it to confluent-kafka after this callback returns: pausing
+        # or resuming a partition librdkafka holds no state for yet (one this consumer never owned)
+        # is silently skipped, and after the assign it has that state. These are the calls the
+        # client would make (incremental_assign for cooperative and KIP-848 groups).
+        if self._incremental:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        keys = _keys(partitions)
+        self.assignment.update(keys)
+        if partitions:
+            if self._carry:
+                consumer.pause(partitions)
+                self._paused.update(keys)
+            else:
+                consumer.resume(partitions)
+                self._paused.difference_update(keys)
+            metrics.PAUSED_PARTITIONS.set(len(self._paused))
         self._update_readiness()
         log.info("partitions assigned", partitions=[f"{t}[{p}]" for t, p in _keys(partitions)])
 
@@ -232,12 +277,15 @@ class ConsumerLoop:
         self.tracker.forget(keys)
         self._carry = deque(kept for batch in self._carry if (kept := batch.without(gone)) is not None)
         self.assignment -= gone
+        self._paused -= gone  # forgotten: a later assignment of them states their pause afresh
         for topic, partition in gone:
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(topic, str(partition))
         if not self._carry:
-            self._paused = False
-            metrics.PAUSED_PARTITIONS.set(0)
+            # Nothing refused is left (it was all the released partitions'): the partitions we keep
+            # (cooperative, KIP-848) must fetch again, or they would stay paused for good.
+            self._resume()
+        metrics.PAUSED_PARTITIONS.set(len(self._paused))
         self._update_readiness()
 
     def _update_readiness(self) -> None:
@@ -254,7 +302,9 @@ class ConsumerLoop:
             self._commit(consumer, "shutdown")
         finally:
             # close() leaves the group now (the others rebalance without waiting for a session
-            # timeout); it runs _on_revoke once more, which finds nothing left to do.
+            # timeout); it runs _on_revoke once more, which must not drain again: the shutdown's
+            # drain already had its time, and what it left unfinished stays uncommitted.
+            self._drained_for_shutdown = True
             consumer.close()
             self.strategy.close()
             HEALTH.set_ready(False, "stopped")
@@ -262,6 +312,8 @@ class ConsumerLoop:
 
     def _drain(self) -> None:
         """Drain the strategy; a failed output only means its message stays uncommitted."""
+        if self._drained_for_shutdown:
+            return
         try:
             self.strategy.drain(self.drain_timeout)
         except Exception as exc:
