@@ -222,7 +222,8 @@ def dlq_inspect(ctx: click.Context, destination: str, as_json: bool, samples: in
     """Counts of DESTINATION's dead letters by kind and reason, oldest/newest, samples with headers."""
     from worker.dlq.inspect import inspect, print_inspection
 
-    result = inspect(_config(ctx), destination, samples)
+    with _refusing_bad_config():
+        result = inspect(_config(ctx), destination, samples)
     if as_json:
         click.echo(orjson.dumps(result.as_json()).decode())
     else:
@@ -253,7 +254,8 @@ def dlq_replay(
         filters = ReplayFilter(reason=reason, since=since)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    report = replay(_config(ctx), destination, filters, max_messages, dry_run, rate)
+    with _refusing_bad_config():
+        report = replay(_config(ctx), destination, filters, max_messages, dry_run, rate)
     print_replay(report, dry_run, sys.stdout)
 
 
@@ -268,7 +270,8 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, limit: int | None
     from worker.tail import tail as run_tail
 
     config = _config(ctx)
-    run_tail(config.kafka, config.names.full_topic(topic), from_beginning, limit, idle_timeout)
+    with _refusing_bad_config():
+        run_tail(config.kafka, config.names.full_topic(topic), from_beginning, limit, idle_timeout)
 
 
 @cli.command()
