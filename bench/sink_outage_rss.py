@@ -15,8 +15,10 @@ acknowledged, with anything missing looked for on the DLQ (so a loss and a dead 
 Every SINK_* setting is the default, as is AMPLITUDE_EVENTS_PER_SECOND (1000/s, the project-wide
 upload rate the sink keeps under): catching up with a backlog is paced by it, as it would be in
 production. `--amplitude-eps` lifts it; `--sink-env NAME=VALUE` adds to the sink's environment.
+`--broker both` runs the whole scenario on the embedded broker, then on Apache Kafka, in one
+invocation, and ends with one summary line per broker.
 
-    .venv/bin/python bench/sink_outage_rss.py [--outage-seconds 120] [--rate 500]
+    .venv/bin/python bench/sink_outage_rss.py [--outage-seconds 120] [--rate 500] [--broker embedded|apache-kafka|both]
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for sink_throughput, this script's neighbour
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers and sink_throughput, this script's neighbours
 
-from sink_throughput import StandinServer, bench_config, normalised_events, start_sink
+from brokers import add_broker_option, bench_config, broker_kinds, describe, start_broker
+from sink_throughput import StandinServer, normalised_events, start_sink
 
 from worker.avro_codec import EventCodec
 from worker.config import Config
 from worker.dlq.headers import header_map
-from worker.kafka.broker import EmbeddedBroker, free_port
+from worker.kafka.broker import LoopbackBroker, free_port
 from worker.kafka.clients import KafkaClients
 from worker.kafka.reading import assign_all, read_until_quiet
 from worker.processes import Role
@@ -200,6 +203,8 @@ def warm_up(watch: Watch, seconds: float) -> None:
     """Steady state first: the sink joined its group and is keeping up with the input."""
     deadline = time.monotonic() + 60
     while watch.standins.stats(DESTINATION)["received"] == 0:
+        if not watch.producer.is_alive():
+            raise SystemExit("the steady producer stopped before the sink delivered anything (traceback above)")
         if time.monotonic() > deadline or not watch.sink.alive():
             raise SystemExit(f"the sink delivered nothing within 60 s; see {watch.sink.log_path}")
         time.sleep(0.2)
@@ -297,8 +302,32 @@ def summarise(watch: Watch, outage: float, recovery: float | None, outcome: Outc
         print(f"LOST (neither delivered nor dead-lettered): {len(outcome.lost)}, e.g. {outcome.lost[:5]}")
 
 
-def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None:
-    config = bench_config(broker.bootstrap_servers, args.partitions)
+def one_line(watch: Watch, outage: float, recovery: float | None, outcome: Outcome) -> str:
+    """RSS start/max/end of the outage, max/start, max in recovery, caught up, delivered: for the side-by-side lines."""
+    during = [s for s in watch.samples if 0 <= s.at <= outage]
+    after = [s for s in watch.samples if s.at > outage]
+    start, end = during[0], during[-1]
+    peak = max(s.rss for s in during)
+    paused = [s for s in during if s.paused > 0]
+    parts = [
+        f"RSS {start.rss:.1f} / {peak:.1f} / {end.rss:.1f} MB (max/start {peak / start.rss:.2f})",
+        f"recovery max {max(s.rss for s in after):.1f} MB" if after else "no recovery samples",
+        f"paused from t={paused[0].at:.0f}s" if paused else "not paused",
+        f"backlog {end.produced - end.received:,}",
+        "did not catch up" if recovery is None else f"caught up in {recovery:.0f}s",
+        "not all in" if outcome.all_in is None else f"all in after {outcome.all_in:.0f}s",
+        f"delivered {outcome.delivered}/{outcome.produced}",
+    ]
+    if outcome.dead_lettered:
+        parts.append(f"{sum(outcome.dead_lettered.values())} dead-lettered")
+    if outcome.lost:
+        parts.append(f"{len(outcome.lost)} LOST")
+    return ", ".join(parts)
+
+
+def run(args: argparse.Namespace, broker: LoopbackBroker, log_dir: Path) -> str:
+    """The scenario on `broker`; returns a one-line summary of it."""
+    config = bench_config(broker, args.partitions)
     create_all(config)
     limit = args.warmup_seconds + args.outage_seconds + args.recovery_timeout + 60
     producer = SteadyProducer(config.kafka, config.names.dest(DESTINATION), args.rate, args.users, limit)
@@ -331,6 +360,7 @@ def run(args: argparse.Namespace, broker: EmbeddedBroker, log_dir: Path) -> None
         producer.stop()  # what is left is the stragglers: items still waiting out a backoff
         outcome = verify(watch, config, back, args.settle_timeout)
         summarise(watch, args.outage_seconds, recovery, outcome)
+        return one_line(watch, args.outage_seconds, recovery, outcome)
     finally:
         producer.stop()
         for role in reversed(started):
@@ -352,12 +382,24 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--amplitude-eps", type=float, help="AMPLITUDE_EVENTS_PER_SECOND (default: the sink's)")
+    add_broker_option(parser)
     args = parser.parse_args()
 
     log_dir = Path(tempfile.mkdtemp(prefix="sink-outage-"))
     print(f"logs in {log_dir}")
-    with EmbeddedBroker(free_port(), log_path=log_dir / "tansu.log") as broker:
-        run(args, broker, log_dir)
+    lines: dict[str, str] = {}
+    for kind in broker_kinds(args.broker):
+        kind_dir = log_dir / kind
+        kind_dir.mkdir()
+        broker = start_broker(kind, kind_dir)
+        try:
+            lines[kind] = run(args, broker, kind_dir)
+        finally:
+            broker.stop()
+    if len(lines) > 1:
+        print("side by side (one run):")
+        for kind, line in lines.items():
+            print(f"  {describe(kind)}: {line}")
     shutil.rmtree(log_dir, ignore_errors=True)
 
 

@@ -1,4 +1,4 @@
-"""Sink throughput: events/s a sink delivers into the local stand-in destination, one embedded broker, one run.
+"""Sink throughput: events/s a sink delivers into the local stand-in destination, one broker, one run.
 
 100k realistic normalised track events (the ~1.3 KB Avro records the normaliser writes: ecommerce
 properties, full web context, geo + UA enrichment, a few hundred users) are written to
@@ -9,9 +9,11 @@ polled every 0.2 s, from the first poll that sees a delivered event to the one t
 
 Amplitude's events-per-second limit is lifted (AMPLITUDE_EVENTS_PER_SECOND) so the rate limit is not
 what is measured; every SINK_* setting is the default. Amberflo is run too, for contrast: it takes
-100 records a request where Amplitude takes 1000.
+100 records a request where Amplitude takes 1000. `--broker both` runs everything on the embedded
+broker, then on Apache Kafka, in one invocation, and ends with one summary line per broker.
 
     .venv/bin/python bench/sink_throughput.py [--events 100000] [--destinations amplitude,amberflo]
+        [--broker embedded|apache-kafka|both]
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers, this script's neighbour
+
+from brokers import PREFIX, add_broker_option, bench_config, broker_kinds, describe, start_broker
 
 from worker.config import Config
 from worker.destinations import registry
-from worker.kafka.broker import EmbeddedBroker, free_port, wait_for_port
+from worker.kafka.broker import LoopbackBroker, free_port, wait_for_port
 from worker.kafka.clients import KafkaClients
 from worker.normalize.geo import GeoEnricher
 from worker.normalize.identities import IdentityMap
 from worker.normalize.pipeline import Normaliser
 from worker.normalize.user_agent import UserAgentEnricher
-from worker.processes import FAST_GROUP_ENV, Role
+from worker.processes import Role
 from worker.samples import bench_event
 from worker.segment.timestamps import iso_from_millis
 from worker.standins.server import standin_env
@@ -49,22 +54,9 @@ from worker.topics import create_all
 
 REPO = Path(__file__).resolve().parent.parent
 AMPLITUDE_TARGET = 20_000  # events/s, the issue's target for one Amplitude sink process
-PREFIX = "bench."
-GROUP_PREFIX = "bench-"
 BASE_MS = 1_795_000_000_000  # 2026-11-18, an arbitrary fixed "now" so runs are reproducible
 POLL_SECONDS = 0.2
-
-
-def bench_config(bootstrap: str, partitions: int) -> Config:
-    """The benches' configuration: their own topic and group prefixes on the embedded broker."""
-    return Config.from_sources(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "TOPIC_PREFIX": PREFIX,
-            "CONSUMER_GROUP_PREFIX": GROUP_PREFIX,
-            "TOPIC_PARTITIONS": str(partitions),
-        }
-    )
+RAW_TOPIC = f"{PREFIX}raw"
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -91,7 +83,8 @@ def normalised_events(
             timestamp=iso_from_millis(sent_ms - rng.randrange(50, 2000)),
             sentAt=iso_from_millis(sent_ms),
         )
-        result = normaliser.process(orjson.dumps(raw), sent_ms + rng.randrange(20, 400))
+        # Where the record would have been read from (only events without a messageId derive one from it).
+        result = normaliser.process(orjson.dumps(raw), sent_ms + rng.randrange(20, 400), RAW_TOPIC, 0, n)
         if len(result.routed) != 1:
             raise SystemExit(f"the normaliser did not route bench event {n}: {result}")
         routed = result.routed[0]
@@ -153,11 +146,11 @@ class StandinServer:
 
 
 def start_sink(config: Config, destination: str, standins: StandinServer, log_dir: Path, **extra: str) -> Role:
-    """`sink <destination>` for `config`; the stand-ins' env carries the API key the sink refuses to start without."""
+    """`sink <destination>` for `config` (from `brokers.bench_config`: its sources carry the broker's client
+    workarounds); the stand-ins' env carries the API key the sink refuses to start without."""
     env = {
         **child_env(),
         **config.sources,
-        **FAST_GROUP_ENV,
         **standins.env(),
         **extra,
     }
@@ -232,6 +225,30 @@ def report(destination: str, run: Run, events: int) -> None:
     )
 
 
+def run_broker(
+    broker: LoopbackBroker, destinations: list[str], args: argparse.Namespace, log_dir: Path
+) -> dict[str, Run]:
+    """Every destination's run on `broker`, from one backlog written before the first sink starts."""
+    assert broker.process is not None
+    config = bench_config(broker, args.partitions)
+    create_all(config)
+    topics = [config.names.dest(d) for d in destinations]
+    mean = write_events(config.kafka, topics, args.events, args.users)
+    print(
+        f"{args.events:,} normalised track events, mean {mean:.0f} bytes Avro, {args.users} users, "
+        f"{args.partitions} partitions, written before each sink starts"
+    )
+    standins = StandinServer(log_dir)
+    runs: dict[str, Run] = {}
+    try:
+        for destination in destinations:
+            runs[destination] = run_destination(config, destination, standins, broker.process.pid, args, log_dir)
+            report(destination, runs[destination], args.events)
+    finally:
+        standins.role.terminate()
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -239,6 +256,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--destinations", default="amplitude,amberflo")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per destination before giving up")
+    add_broker_option(parser)
     args = parser.parse_args()
     destinations = [d.strip() for d in args.destinations.split(",") if d.strip()]
     unknown = sorted(set(destinations) - set(registry.names()))
@@ -246,29 +264,28 @@ def main() -> None:
         parser.error(f"unknown destinations {unknown}; known: {', '.join(registry.names())}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="sink-bench-"))
+    results: dict[str, dict[str, Run]] = {}
     ok = False
-    with EmbeddedBroker(free_port(), log_path=log_dir / "tansu.log") as broker:
-        assert broker.process is not None
-        config = bench_config(broker.bootstrap_servers, args.partitions)
-        create_all(config)
-        topics = [config.names.dest(d) for d in destinations]
-        mean = write_events(config.kafka, topics, args.events, args.users)
-        print(
-            f"{args.events:,} normalised track events, mean {mean:.0f} bytes Avro, {args.users} users, "
-            f"{args.partitions} partitions, written before each sink starts"
-        )
-        standins = StandinServer(log_dir)
-        try:
-            for destination in destinations:
-                run = run_destination(config, destination, standins, broker.process.pid, args, log_dir)
-                report(destination, run, args.events)
-            ok = True
-        finally:
-            standins.role.terminate()
-            if ok:
-                shutil.rmtree(log_dir, ignore_errors=True)
-            else:
-                print(f"logs kept in {log_dir}", file=sys.stderr)
+    try:
+        for kind in broker_kinds(args.broker):
+            kind_dir = log_dir / kind
+            kind_dir.mkdir()
+            broker = start_broker(kind, kind_dir)
+            try:
+                results[kind] = run_broker(broker, destinations, args, kind_dir)
+            finally:
+                broker.stop()
+        ok = True
+    finally:
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"logs kept in {log_dir}", file=sys.stderr)
+    if len(results) > 1:
+        print("side by side (one run):")
+        for kind, runs in results.items():
+            rates = ", ".join(f"{d} {run.rate:,.0f} events/s" for d, run in runs.items())
+            print(f"  {describe(kind)}: {rates}")
 
 
 if __name__ == "__main__":
