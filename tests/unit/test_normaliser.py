@@ -12,6 +12,7 @@ from worker.segment.ids import anonymous_id_for_user
 
 ALL = ["amplitude", "amberflo", "reteno", "brevo"]
 KAFKA_TS = 1_795_000_000_000  # receivedAt when the event has none
+AT = ("t.segment.raw", 0, 0)  # the record's topic, partition and offset
 IPHONE_UA = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
     "Version/17.1 Mobile/15E148 Safari/604.1"
@@ -29,7 +30,7 @@ def normaliser(enrichers):
 
 
 def one(normaliser, event, destinations=None):
-    result = normaliser.process(orjson.dumps(event), KAFKA_TS)
+    result = normaliser.process(orjson.dumps(event), KAFKA_TS, *AT)
     assert not result.rejected, result.rejected
     assert len(result.routed) == 1
     routed = result.routed[0]
@@ -92,12 +93,12 @@ def test_anonymous_id_is_filled_from_the_device_else_from_the_user(normaliser):
 
 
 def test_identify_and_alias_link_ids_and_later_anonymous_events_get_the_user(normaliser):
-    result = normaliser.process(orjson.dumps({"type": "identify", "userId": "u1", "anonymousId": "a1"}), KAFKA_TS)
+    result = normaliser.process(orjson.dumps({"type": "identify", "userId": "u1", "anonymousId": "a1"}), KAFKA_TS, *AT)
     assert result.links == [("a1", "u1")]
-    again = normaliser.process(orjson.dumps({"type": "identify", "userId": "u1", "anonymousId": "a1"}), KAFKA_TS)
+    again = normaliser.process(orjson.dumps({"type": "identify", "userId": "u1", "anonymousId": "a1"}), KAFKA_TS, *AT)
     assert again.links == []  # already known: nothing to publish
     assert one(normaliser, {"type": "page", "anonymousId": "a1"}).event["userId"] == "u1"
-    alias = normaliser.process(orjson.dumps({"type": "alias", "userId": "u2", "previousId": "a2"}), KAFKA_TS)
+    alias = normaliser.process(orjson.dumps({"type": "alias", "userId": "u2", "previousId": "a2"}), KAFKA_TS, *AT)
     assert alias.links == [("a2", "u2")]
     routed = one(normaliser, {"type": "track", "anonymousId": "a2", "event": "E"})
     assert routed.event["userId"] == "u2" and routed.key == "u2"
@@ -149,7 +150,7 @@ def test_routing_by_integrations_and_filtering(normaliser):
     )
     assert routed.destinations == ["brevo"]
     result = normaliser.process(
-        orjson.dumps({"type": "track", "userId": "u", "event": "E", "integrations": {"All": False}}), 0
+        orjson.dumps({"type": "track", "userId": "u", "event": "E", "integrations": {"All": False}}), 0, *AT
     )
     assert result.routed == [] and result.filtered == ["no destination enabled by integrations"]
 
@@ -163,7 +164,7 @@ def test_batch_with_one_bad_event_rejects_only_it(normaliser):
         ],
         "context": {"ip": "1.1.1.1"},
     }
-    result = normaliser.process(orjson.dumps(batch), KAFKA_TS)
+    result = normaliser.process(orjson.dumps(batch), KAFKA_TS, *AT)
     assert [r.event["event"] for r in result.routed] == ["A"]
     assert [(r.index, r.reason.split(":")[0]) for r in result.rejected] == [
         (1, "track requires a non-empty `event` name"),
@@ -175,5 +176,5 @@ def test_batch_with_one_bad_event_rejects_only_it(normaliser):
 
 def test_a_single_bad_event_is_rejected_with_its_original_bytes(normaliser):
     raw = b'{"type":"track","userId":"u","event":""}'
-    result = normaliser.process(raw, KAFKA_TS)
+    result = normaliser.process(raw, KAFKA_TS, *AT)
     assert result.rejected[0].value == raw and result.rejected[0].index is None

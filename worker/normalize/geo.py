@@ -13,6 +13,9 @@ from typing import Any
 
 import maxminddb
 
+# The longest textual IP address: an IPv4-mapped IPv6 address (45), with room for a zone index.
+_MAX_IP_CHARS = 64
+
 
 def default_database() -> str:
     try:
@@ -66,7 +69,9 @@ class GeoEnricher:
         if context.get("location"):
             return
         ip = context.get("ip")
-        if not isinstance(ip, str):
+        # The C reader raises TypeError (not ValueError) on an embedded NUL; and a string longer than
+        # any address is not one, and must not become a cache key (events may be 32 KB).
+        if not isinstance(ip, str) or len(ip) > _MAX_IP_CHARS or "\x00" in ip:
             return
         location = self.lookup(ip)
         if location is not None:

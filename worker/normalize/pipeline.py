@@ -1,7 +1,14 @@
 """One raw payload in, what should be written out: the normaliser's logic, with no Kafka in it.
 
 Per event: validate and canonicalise; fix timestamps against receivedAt; fill messageId; link and
-fill identities; run the enrichers; route. The Kafka side (worker.normalize.strategy) writes the result.
+fill identities; run the enrichers; route; encode. The Kafka side (worker.normalize.strategy) writes
+the result.
+
+Containment: whatever goes wrong with one event (an invalid field, or any exception from any of
+those steps) rejects that event alone, to be dead-lettered as `invalid`, and processing goes on.
+One bad record must never stop the normaliser: the next group member would crash on it too. An
+exception nobody expected has the reason "<ExceptionType>: <message>" and is logged with its
+traceback, so the bug behind it can be found and fixed at its cause.
 """
 
 from __future__ import annotations
@@ -10,15 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker import logs
 from worker.avro_codec import EventCodec
 from worker.normalize.identities import IdentityMap
 from worker.normalize.routing import destinations_for
 from worker.segment import envelope
 from worker.segment.envelope import RejectedEvent
 from worker.segment.event import SegmentEvent, partition_key
-from worker.segment.ids import anonymous_id_for_user, deterministic_message_id
-from worker.segment.timestamps import InvalidTimestamp, canonical_text, correct_skew, iso_from_millis, millis_of
-from worker.segment.validate import InvalidEvent, canonical
+from worker.segment.ids import anonymous_id_for_user, derived_message_id
+from worker.segment.timestamps import InvalidTimestamp, correct_skew, iso_from_millis, millis_and_text
+from worker.segment.validate import MAX_ID_LENGTH, InvalidEvent, canonical
+
+log = logs.get(__name__)
 
 Enricher = Callable[[dict[str, Any]], None]
 
@@ -52,81 +62,138 @@ class Normaliser:
         self.enrichers = enrichers
         self.codec = codec or EventCodec()
 
-    def process(self, value: bytes | None, kafka_timestamp_ms: int) -> Result:
+    def process(self, value: bytes | None, kafka_timestamp_ms: int, topic: str, partition: int, offset: int) -> Result:
+        """Everything to write for the record at (topic, partition, offset). Never raises for any input."""
         result = Result()
         try:
             parsed = envelope.parse(value)
         except envelope.InvalidPayload as exc:
             result.rejected.append(RejectedEvent(None, value or b"", str(exc)))
             return result
+        except Exception as exc:
+            result.rejected.append(RejectedEvent(None, value or b"", _unexpected(exc, topic, partition, offset)))
+            return result
         result.rejected.extend(parsed.rejected)
-        received_default_text = iso_from_millis(kafka_timestamp_ms)
+        try:
+            received_default_text: str | None = iso_from_millis(kafka_timestamp_ms)
+        except InvalidTimestamp:  # a producer may set any CreateTime; it matters only to events without receivedAt
+            received_default_text = None
         for position, (raw, index) in enumerate(zip(parsed.events, parsed.indexes, strict=True)):
+            # The per-event boundary: one event's failure is that event's dead letter, nothing more.
+            try:
+                self._one(raw, kafka_timestamp_ms, received_default_text, (topic, partition, offset, index), result)
+                continue
+            except (InvalidEvent, InvalidTimestamp) as exc:
+                reason = str(exc)
+            except Exception as exc:
+                reason = _unexpected(exc, topic, partition, offset, index if parsed.is_batch else None)
             # A bad batch item is dead-lettered as itself (as the envelope serialised it).
             original = parsed.encoded[position] if parsed.is_batch else (value or b"")
-            try:
-                self._one(raw, kafka_timestamp_ms, received_default_text, result)
-            except (InvalidEvent, InvalidTimestamp) as exc:
-                result.rejected.append(RejectedEvent(index if parsed.is_batch else None, original, str(exc)))
+            result.rejected.append(RejectedEvent(index if parsed.is_batch else None, original, reason))
         return result
 
-    def _one(self, raw: dict[str, Any], received_default_ms: int, received_default_text: str, result: Result) -> None:
-        message_id = None if raw.get("messageId") else deterministic_message_id(raw)  # before edits
+    def _one(
+        self,
+        raw: dict[str, Any],
+        received_default_ms: int,
+        received_default_text: str | None,
+        coordinates: tuple[str, int, int, int],
+        result: Result,
+    ) -> None:
+        """One event, all or nothing: `result` (and the identity map) change only once it has fully
+        succeeded, so a rejected event leaves no routed copy and no identity link behind."""
+        message_id = None if raw.get("messageId") else derived_message_id(raw, *coordinates)  # before edits
         event, extra = canonical(raw)
         self._fix_timestamps(event, received_default_ms, received_default_text)
         if "messageId" not in event:
-            event["messageId"] = message_id or deterministic_message_id(raw)
-        self._fill_identity(event, result)
+            event["messageId"] = message_id or derived_message_id(raw, *coordinates)
+        link = self._fill_identity(event)
         for enrich in self.enrichers:
             enrich(event)  # type: ignore[arg-type]
         chosen = destinations_for(event["integrations"], self.destinations)
-        if not chosen:
+        routed = RoutedEvent(partition_key(event), self.codec.encode(event, extra), chosen, event) if chosen else None
+        if link is not None and self.identities.put(*link):
+            result.links.append(link)
+        if routed is None:
             result.filtered.append("no destination enabled by integrations")
-            return
-        result.routed.append(RoutedEvent(partition_key(event), self.codec.encode(event, extra), chosen, event))
+        else:
+            result.routed.append(routed)
 
     @staticmethod
-    def _fix_timestamps(event: SegmentEvent, received_default_ms: int, received_default_text: str) -> None:
+    def _fix_timestamps(event: SegmentEvent, received_default_ms: int, received_default_text: str | None) -> None:
         """receivedAt (the event's own, else the Kafka timestamp), originalTimestamp as the client
         said, timestamp corrected for the client's clock skew. Integer milliseconds throughout:
         this runs for every event."""
         if "receivedAt" in event:
-            received_ms = millis_of(event["receivedAt"])
-            event["receivedAt"] = received_text = canonical_text(event["receivedAt"], received_ms)
+            received_ms, event["receivedAt"] = millis_and_text(event["receivedAt"])
+        elif received_default_text is None:
+            raise InvalidTimestamp(
+                f"no receivedAt, and the record's Kafka timestamp ({received_default_ms} ms) "
+                "is outside the years 0001-9999"
+            )
         else:
-            received_ms = received_default_ms
-            event["receivedAt"] = received_text = received_default_text
+            received_ms, event["receivedAt"] = received_default_ms, received_default_text
+        received_text = event["receivedAt"]
+        sent_ms = None
+        if "sentAt" in event:  # checked even when nothing uses it: it goes downstream as it is now
+            sent_ms, event["sentAt"] = millis_and_text(event["sentAt"])
         given = event.get("originalTimestamp") or event.get("timestamp")
         if given is None:  # the client said nothing: it happened when it arrived
             event["originalTimestamp"] = event["timestamp"] = received_text
             return
-        original_ms = millis_of(given)
-        event["originalTimestamp"] = original_text = canonical_text(given, original_ms)
-        if "sentAt" in event:
-            sent_ms = millis_of(event["sentAt"])
-            event["sentAt"] = canonical_text(event["sentAt"], sent_ms)
+        original_ms, event["originalTimestamp"] = millis_and_text(given)
+        if sent_ms is None:
+            event["timestamp"] = event["originalTimestamp"]
+            return
+        try:
             event["timestamp"] = iso_from_millis(correct_skew(original_ms, sent_ms, received_ms))
-        else:
-            event["timestamp"] = original_text
+        except InvalidTimestamp:
+            raise InvalidTimestamp(
+                "timestamp corrected for clock skew, receivedAt - (sentAt - originalTimestamp), "
+                "is outside the years 0001-9999"
+            ) from None
 
-    def _fill_identity(self, event: SegmentEvent, result: Result) -> None:
+    def _fill_identity(self, event: SegmentEvent) -> tuple[str, str] | None:
+        """Fill userId from the identity map and anonymousId when absent; return the anonymousId ->
+        userId link this event teaches (recorded by the caller once the event has succeeded)."""
         user_id = event.get("userId")
         anonymous_id = event.get("anonymousId")
+        link = None
         if event["type"] == "alias":
             # alias ties previousId (an anonymousId or an old userId) to userId.
-            if self.identities.put(event["previousId"], event["userId"]):
-                result.links.append((event["previousId"], event["userId"]))
+            link = (event["previousId"], event["userId"])
         elif user_id and anonymous_id:
-            if self.identities.put(anonymous_id, user_id):
-                result.links.append((anonymous_id, user_id))
+            link = (anonymous_id, user_id)
         elif anonymous_id and not user_id:
             known = self.identities.get(anonymous_id)
             if known is not None:
                 event["userId"] = known
         if not event.get("anonymousId"):
-            device_id = (
-                event["context"].get("device", {}).get("id")
-                if isinstance(event["context"].get("device"), dict)
-                else None
-            )
-            event["anonymousId"] = str(device_id) if device_id else anonymous_id_for_user(event["userId"])
+            device = event["context"].get("device")
+            device_id = _device_id(device.get("id")) if isinstance(device, dict) else None
+            event["anonymousId"] = device_id or anonymous_id_for_user(event["userId"])
+        return link
+
+
+def _device_id(value: object) -> str | None:
+    """`context.device.id` as an anonymousId, when it is usable as one (a string or a number, no
+    longer than any other id); anything else is ignored and the id derived from userId instead."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = value if isinstance(value, str) else str(int(value)) if float(value).is_integer() else str(value)
+    return text if 0 < len(text) <= MAX_ID_LENGTH else None
+
+
+def _unexpected(exc: Exception, topic: str, partition: int, offset: int, index: int | None = None) -> str:
+    """The dead-letter reason of an exception the normaliser did not expect, logged with its traceback."""
+    log.warning(
+        "event failed unexpectedly; dead-lettered",
+        error=repr(exc)[:500],
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        batch_index=index,
+        exc_info=exc,
+    )
+    # A header value must encode as UTF-8: an exception's text might carry lone surrogates.
+    return f"{type(exc).__name__}: {exc}".encode("utf-8", "replace").decode("utf-8")

@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, Message
 from worker import logs, metrics
 from worker.config import Config
 from worker.dlq.headers import Kind
+from worker.dlq.settings import DlqSettings
 from worker.dlq.writer import DeadLetterWriter
 from worker.health import HEALTH
 from worker.kafka.clients import KafkaClients
@@ -36,14 +37,19 @@ class NormaliseStrategy:
     """
 
     def __init__(
-        self, clients: KafkaClients, names: Names, destinations: list[str], normaliser: Normaliser
+        self,
+        clients: KafkaClients,
+        names: Names,
+        destinations: list[str],
+        normaliser: Normaliser,
+        dlq: DlqSettings | None = None,
     ) -> None:
         self.normaliser = normaliser
         self.failure: str | None = None
         self.producer = clients.producer(on_failure=self._on_failure)
         self.dest_topics = {d: names.dest(d) for d in destinations}
         self.identities_topic = names.identities
-        self.dead_letters = DeadLetterWriter(self.producer, names.dlq(RAW), RAW)
+        self.dead_letters = DeadLetterWriter(self.producer, names.dlq(RAW), RAW, dlq)
         topics = (*self.dest_topics.values(), self.identities_topic, self.dead_letters.topic)
         self._produced = {t: metrics.PRODUCED.labels(t) for t in topics}
         self._counts = dict.fromkeys(topics, 0)
@@ -55,7 +61,8 @@ class NormaliseStrategy:
         process = self.normaliser.process
         for message in batch.messages:
             _kind, timestamp_ms = message.timestamp()
-            self._write(message, process(message.value(), timestamp_ms))
+            result = process(message.value(), timestamp_ms, message.topic(), message.partition(), message.offset())
+            self._write(message, result)
         self._flush()
         batch.done()
         for topic, count in self._counts.items():
@@ -85,6 +92,8 @@ class NormaliseStrategy:
         for reason in result.filtered:
             metrics.FILTERED.labels(reason).inc()
             log.debug("event filtered", reason=reason, topic=message.topic(), offset=message.offset())
+        if result.routed or result.filtered:
+            self.dead_letters.note_success()
         for rejected in result.rejected:
             extra = None if rejected.index is None else {"batch_index": str(rejected.index)}
             self.dead_letters.write(message, Kind.INVALID, rejected.reason, value=rejected.value, extra=extra)
@@ -114,7 +123,7 @@ def build(config: Config) -> tuple[ConsumerLoop, IdentityTopicReader]:
         UserAgentEnricher(settings.ua_cache_size),
     ]
     normaliser = Normaliser(settings.destinations, identities, enrichers)
-    strategy = NormaliseStrategy(config.kafka, names, settings.destinations, normaliser)
+    strategy = NormaliseStrategy(config.kafka, names, settings.destinations, normaliser, config.dlq())
     loop = ConsumerLoop(
         config.kafka, NORMALIZE_ROLE, [names.raw], strategy, batch_size=settings.consume_batch_size
     )

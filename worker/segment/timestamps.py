@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 
@@ -20,7 +21,10 @@ def parse_iso(value: object) -> datetime:
         raise InvalidTimestamp(f"not an ISO-8601 timestamp: {value[:64]!r}") from None
     if parsed.tzinfo is None:  # Segment treats naive timestamps as UTC
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        raise InvalidTimestamp(f"timestamp is outside the years 0001-9999 in UTC: {value[:64]!r}") from None
 
 
 def millis(dt: datetime) -> int:
@@ -40,44 +44,74 @@ def format_iso(dt: datetime) -> str:
 
 
 _SECOND_PREFIXES: dict[int, str] = {}  # epoch second -> "YYYY-MM-DDTHH:MM:SS"; events cluster in few seconds
+# The instants canonical text can name: 0001-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
+MIN_MILLIS = -62_135_596_800_000
+MAX_MILLIS = 253_402_300_799_999
 
 
 def iso_from_millis(ms: int) -> str:
-    """Canonical text of epoch milliseconds, without building a datetime (this runs per event)."""
+    """Canonical text of epoch milliseconds, without building a datetime (this runs per event).
+    Raises InvalidTimestamp outside the years 0001-9999 (which no canonical text can name)."""
     second, milli = divmod(ms, 1000)
     prefix = _SECOND_PREFIXES.get(second)
     if prefix is None:
+        if not MIN_MILLIS <= ms <= MAX_MILLIS:
+            raise InvalidTimestamp(f"{ms} ms since the epoch is outside the years 0001-9999")
         if len(_SECOND_PREFIXES) >= 4096:
             _SECOND_PREFIXES.clear()
-        prefix = _SECOND_PREFIXES[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        t = time.gmtime(second)  # not strftime: glibc's %Y does not zero-pad years before 1000
+        prefix = _SECOND_PREFIXES[second] = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        )
     return f"{prefix}.{milli:03d}Z"
 
 
 _PREFIX_SECONDS: dict[str, int] = {}  # the reverse: "YYYY-MM-DDTHH:MM:SS" -> epoch second (valid ones only)
 
 
+# Every position checked, digits ASCII only: str.isdigit() also accepts superscripts (which int()
+# refuses) and Arabic-Indic digits (which int() reads, so they would pass through as "canonical"),
+# and fromisoformat() also accepts other ISO shapes ("2026-W47-7T10:00:00").
+_CANONICAL = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+_canonical_match = _CANONICAL.fullmatch
+
+
 def is_canonical(text: str) -> bool:
     """Already `YYYY-MM-DDTHH:MM:SS.mmmZ`, the form most SDKs send (and Segment emits)."""
-    return len(text) == 24 and text[23] == "Z" and text[10] == "T" and text[19] == "." and text[20:23].isdigit()
+    return len(text) == 24 and _canonical_match(text) is not None
+
+
+def _canonical_millis(text: str) -> int:
+    """Epoch milliseconds of a string `is_canonical` accepted, through a cache of its second."""
+    second = _PREFIX_SECONDS.get(text[:19])
+    if second is None:
+        second = millis(parse_iso(text[:19] + "Z")) // 1000  # validates the date and time
+        if len(_PREFIX_SECONDS) >= 4096:
+            _PREFIX_SECONDS.clear()
+        _PREFIX_SECONDS[text[:19]] = second
+    return second * 1000 + int(text[20:23])
 
 
 def millis_of(value: object) -> int:
     """Epoch milliseconds of an ISO-8601 string. Canonical strings take a cached fast path with no
     datetime (this runs several times per event); anything else is parsed in full."""
     if isinstance(value, str) and is_canonical(value):
-        second = _PREFIX_SECONDS.get(value[:19])
-        if second is None:
-            second = millis(parse_iso(value[:19] + "Z")) // 1000  # validates the date and time
-            if len(_PREFIX_SECONDS) >= 4096:
-                _PREFIX_SECONDS.clear()
-            _PREFIX_SECONDS[value[:19]] = second
-        return second * 1000 + int(value[20:23])
+        return _canonical_millis(value)
     return millis(parse_iso(value))
 
 
 def canonical_text(text: str, ms: int) -> str:
     """`text` if it already is in canonical form, else the canonical text of `ms`."""
     return text if is_canonical(text) else iso_from_millis(ms)
+
+
+def millis_and_text(value: object) -> tuple[int, str]:
+    """Epoch milliseconds and canonical text of an ISO-8601 string: millis_of and canonical_text in
+    one, checking the shape once (the normaliser's per-field call). Raises InvalidTimestamp."""
+    if isinstance(value, str) and is_canonical(value):
+        return _canonical_millis(value), value
+    ms = millis(parse_iso(value))
+    return ms, iso_from_millis(ms)
 
 
 def to_millis(value: str) -> int:
