@@ -1,8 +1,17 @@
 """The collector's aiohttp application: Segment's HTTP Tracking API and Jitsu's Segment endpoint.
 
-A request goes: write key (if carried outside the body) -> bounded body -> gunzip -> JSON ->
-write key (if in the body) -> shape, stamps and limits -> one Kafka message -> 200 only after the
-broker acknowledged it. Any refusal happens before the write, so nothing is ever half-written.
+A request goes: write key (if carried outside the body), Content-Encoding and announced length,
+all from the headers alone -> bounded body (in size and time) -> gunzip -> JSON -> write key (if in
+the body) -> shape, stamps and limits -> one Kafka message -> 200 only after the broker
+acknowledged it. Any refusal happens before the write, so nothing is ever half-written.
+
+A wrong key outside the body is refused before a byte of the body is read, and before a client
+that sent `Expect: 100-continue` is invited to send it. When the key can only be in the body, the
+work done before it is checked is bounded: at most the payload limit read (an unencoded body) or
+COLLECTOR_MAX_BODY_BYTES read and the payload limit inflated (gzip), and one JSON parse.
+
+Every body gets a 2xx or 4xx: what cannot be read, decoded or stored unchanged is a 400 (401 when
+no key could be read). A 5xx means the broker did not acknowledge (503) or a bug of ours (500).
 """
 
 from __future__ import annotations
@@ -12,14 +21,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import logs
 from worker.collector import metrics
 from worker.collector.auth import WriteKeys, key_from_body, key_from_request
-from worker.collector.body import decode_content, read_wire_body
+from worker.collector.body import IDENTITY, check_length, content_encoding, decode_content, read_wire_body
 from worker.collector.client_ip import TrustedProxies, client_ip
+from worker.collector.deadlines import HeadDeadlines
 from worker.collector.payloads import EVENT_TYPES, RawMessage, Shape, build_message, decode_document, received_at_now
 from worker.collector.responses import (
     JITSU_OK,
@@ -63,12 +73,18 @@ ROUTES: tuple[Route, ...] = (
 
 class Collector:
     def __init__(
-        self, write_keys: WriteKeys, trusted: TrustedProxies, writer: RawWriter, settings: CollectorSettings
+        self,
+        write_keys: WriteKeys,
+        trusted: TrustedProxies,
+        writer: RawWriter,
+        settings: CollectorSettings,
+        deadlines: HeadDeadlines | None = None,
     ) -> None:
         self.write_keys = write_keys
         self.trusted = trusted
         self.writer = writer
         self.settings = settings
+        self.deadlines = deadlines or HeadDeadlines(settings.read_timeout_seconds)
         self.in_flight = 0
         self.accepting = True  # False once shutdown began: readiness fails so load balancers move on
 
@@ -78,6 +94,27 @@ class Collector:
 
         return handle
 
+    def expect_handler(self, route: Route) -> Callable[[web.Request], Awaitable[web.Response | None]]:
+        """`Expect: 100-continue`: the client waits for our go-ahead before sending its body, so
+        whatever the headers alone refuse (a wrong key, encoding or length) is answered instead of
+        the go-ahead, and the body is never sent."""
+
+        async def expect(request: web.Request) -> web.Response | None:
+            try:
+                self._check_head(request, route)
+            except HttpError as rejected:
+                # Answered without the middleware: the headers' clock stops here. The client may or
+                # may not send the body now, so the connection is not reused.
+                self.deadlines.started(request)
+                self.deadlines.finished(request)
+                response = self._refusal(route, rejected)
+                response.force_close()
+                metrics.REQUESTS.labels(route.path, str(response.status)).inc()
+                return response
+            return await _continue(request)
+
+        return expect
+
     async def handle(self, request: web.Request, route: Route) -> web.Response:
         try:
             message = await self._accept(request, route)
@@ -86,22 +123,43 @@ class Collector:
                 metrics.EVENTS.labels(route.path).inc(message.events)
             response = json_response(200, route.ok_body)
         except HttpError as rejected:
-            log_rejection = log.warning if rejected.status >= 500 else log.debug
-            log_rejection("request refused", path=route.path, status=rejected.status, reason=rejected.message)
-            response = error_response(rejected)
+            response = self._refusal(route, rejected)
         except Exception:
             log.exception("request failed", path=route.path)
             response = error_response(internal_error())
         metrics.REQUESTS.labels(route.path, str(response.status)).inc()
+        if response.status == 408:
+            metrics.READ_TIMEOUTS.labels("body").inc()
+            return await _answer_and_close(request, response)
         return response
 
-    async def _accept(self, request: web.Request, route: Route) -> RawMessage | None:
-        # A key outside the body is checked before the body is even read.
+    @staticmethod
+    def _refusal(route: Route, rejected: HttpError) -> web.Response:
+        log_rejection = log.warning if rejected.status >= 500 else log.debug
+        log_rejection("request refused", path=route.path, status=rejected.status, reason=rejected.message)
+        return error_response(rejected)
+
+    def _check_head(self, request: web.Request, route: Route) -> tuple[str | None, str]:
+        """What the request line and headers alone decide, before a byte of the body is read: the
+        key carried outside the body (401 when wrong), the encoding (415), the announced length
+        (413; Segment's 400 for an unencoded body over the payload limit). Returns the outer key
+        (None: it can only be in the body) and the encoding."""
         outer_key = key_from_request(request.headers, request.query)
         if outer_key is not None and not self.write_keys.accepts(outer_key):
             raise unauthorized()
-        wire = await read_wire_body(request, self.settings.max_body_bytes)
-        payload = decode_content(wire, request.headers.get("Content-Encoding"), route.shape.payload_limit)
+        encoding = content_encoding(request.headers.get("Content-Encoding"))
+        check_length(request.content_length, self.settings.max_body_bytes, _body_is_payload(encoding, route))
+        return outer_key, encoding
+
+    async def _accept(self, request: web.Request, route: Route) -> RawMessage | None:
+        outer_key, encoding = self._check_head(request, route)
+        wire = await read_wire_body(
+            request,
+            self.settings.max_body_bytes,
+            self.settings.read_timeout_seconds,
+            payload_limit=_body_is_payload(encoding, route),
+        )
+        payload = decode_content(wire, encoding, route.shape.payload_limit)
         try:
             document = decode_document(payload)
         except HttpError:
@@ -147,28 +205,77 @@ class Collector:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _body_is_payload(encoding: str, route: Route) -> int | None:
+    """The payload limit when the body is the payload itself (not compressed): no more of it is read."""
+    return route.shape.payload_limit if encoding == IDENTITY else None
+
+
+async def _continue(request: web.Request) -> None:
+    """aiohttp's default answer to `Expect`: `100 Continue` for HTTP/1.1 `100-continue`, else 417."""
+    expect = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:40]}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim response is not part of the answer's size
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection: its client stopped sending mid-body, and
+    aiohttp would otherwise linger, waiting for the rest of it."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # after what was written is flushed
+    return response
+
+
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector", Collector)
+HEAD_DEADLINES: web.AppKey[HeadDeadlines] = web.AppKey("head_deadlines", HeadDeadlines)
 
 
 def make_app(collector_settings: CollectorSettings, writer: RawWriter) -> web.Application:
     write_keys = WriteKeys(key.get_secret_value() for key in collector_settings.write_keys)
-    collector = Collector(write_keys, TrustedProxies(collector_settings.trusted_proxies), writer, collector_settings)
+    deadlines = HeadDeadlines(collector_settings.read_timeout_seconds)
+    trusted = TrustedProxies(collector_settings.trusted_proxies)
+    collector = Collector(write_keys, trusted, writer, collector_settings, deadlines)
     # Bodies are read by `read_wire_body` with the collector's own bound; this is aiohttp's backstop.
-    app = web.Application(client_max_size=collector_settings.max_body_bytes + 1)
+    app = web.Application(client_max_size=collector_settings.max_body_bytes + 1, middlewares=[deadlines.middleware()])
     app[COLLECTOR] = collector
+    app[HEAD_DEADLINES] = deadlines
     for route in ROUTES:
-        app.router.add_post(route.path, collector.handler(route))
+        app.router.add_post(route.path, collector.handler(route), expect_handler=collector.expect_handler(route))
     app.router.add_get("/healthz", collector.healthz)
     app.router.add_get("/readyz", collector.readyz)
     app.router.add_get("/metrics", collector.metrics)
     return app
 
 
+class _Runner(web.AppRunner):
+    """aiohttp's runner, except that its sites serve every connection behind the app's head
+    deadlines (`worker.collector.deadlines`): sites take their protocol factory from `server`."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._deadlines = app[HEAD_DEADLINES]
+
+    @property
+    def server(self) -> Any:
+        server = super().server
+        return None if server is None else self._deadlines.wrap(server)
+
+
 def make_runner(app: web.Application, collector_settings: CollectorSettings) -> web.AppRunner:
-    return web.AppRunner(
+    return _Runner(
         app,
         # Off so that `worker.collector.body` sees gzip bodies as sent and bounds their inflation.
         auto_decompress=False,
         access_log=None,  # an access log line would carry `?writeKey=` query strings
         shutdown_timeout=collector_settings.shutdown_timeout_seconds,
+        # After an answer given without reading the whole body (a 401 before the body, a 413),
+        # aiohttp reads and drops the rest for this long, so the client sees the answer rather
+        # than a reset; bounded by the same read timeout as everything else a client sends.
+        lingering_time=collector_settings.read_timeout_seconds,
     )

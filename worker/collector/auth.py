@@ -61,8 +61,13 @@ def key_from_basic_auth(authorization: str | None) -> str | None:
 
 
 def key_from_request(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-    """The key carried outside the body: Basic auth, then the key headers, then the query string."""
-    key = key_from_basic_auth(headers.get("Authorization"))
+    """The key carried outside the body: Basic auth, then the key headers, then the query string.
+
+    None only when the request carries no key outside the body: then the body must be read for
+    its `writeKey`. A Basic credential that cannot be read (not base64, not UTF-8, empty) is a key
+    that is wrong, `""`, not a missing one, so the request is refused before its body is read."""
+    authorization = headers.get("Authorization")
+    key = key_from_basic_auth(authorization)
     if key:
         return key
     for name in KEY_HEADERS:
@@ -71,6 +76,8 @@ def key_from_request(headers: Mapping[str, str], query: Mapping[str, str]) -> st
     for name in KEY_QUERY_PARAMETERS:
         if query.get(name):
             return query[name]
+    if authorization and authorization.strip().partition(" ")[0].lower() == "basic":
+        return ""
     return None
 
 

@@ -16,3 +16,8 @@ WRITE_FAILURES = Counter(
     "segment_worker_collector_write_failures_total", "Requests answered 503 because Kafka did not acknowledge"
 )
 IN_FLIGHT = Gauge("segment_worker_collector_in_flight_requests", "Requests waiting for Kafka's acknowledgement")
+READ_TIMEOUTS = Counter(
+    "segment_worker_collector_read_timeouts_total",
+    "Requests answered 408 (or connections closed) because the client sent headers or body too slowly",
+    ["phase"],
+)

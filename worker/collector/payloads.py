@@ -4,10 +4,17 @@ stamps (`receivedAt`, `context.ip`), Segment's size limits, and the message key.
 Everything is checked before anything is written, and the limits are checked on the stamped
 bytes with the normaliser's own parser (`worker.segment.envelope.parse`), so a request answered
 200 is never dead-lettered later for its size or shape.
+
+What is stored is orjson's re-encoding of what orjson read, so a body is refused (400) when that
+round trip cannot keep it unchanged: JSON nested deeper than orjson writes (254 levels, where it
+reads 1024) and integers outside the 64-bit range (which orjson reads as floats, so another
+number would be stored). Any other unusable body (not JSON, not UTF-8, not an object, wrong
+shape) is a 400 too: a body is never a reason for a 5xx.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -17,7 +24,7 @@ import orjson
 
 from worker.collector.auth import BODY_FIELD
 from worker.collector.responses import exceeds_payload_limit, invalid_json, malformed
-from worker.segment.envelope import MAX_BATCH_BYTES, MAX_EVENT_BYTES, InvalidPayload, json_type, parse
+from worker.segment.envelope import MAX_BATCH_BYTES, MAX_DEPTH, MAX_EVENT_BYTES, InvalidPayload, json_type, parse
 from worker.segment.timestamps import format_iso
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
@@ -46,6 +53,18 @@ def received_at_now() -> str:
     return format_iso(datetime.now(UTC))
 
 
+# The integers orjson keeps as integers; it reads any other integer literal as a float.
+MIN_INTEGER = -(2**63)
+MAX_INTEGER = 2**64 - 1
+_MIN_DIGITS_OUT_OF_RANGE = len(str(MIN_INTEGER)) - 1  # 19: no shorter integer literal can be out of range
+_LONG_DIGIT_RUN = re.compile(rb"\d{%d}" % _MIN_DIGITS_OUT_OF_RANGE)
+# In JSON orjson accepted: a string (skipped whole, so digits inside strings do not count), or an
+# integer literal of 19 digits or more (not the fraction or exponent of a number, not a float).
+_LONG_INTEGER_OR_STRING = re.compile(
+    rb'"(?:[^"\\]++|\\.)*+"|(?<![\d.eE+\-])-?\d{%d,}+(?![.eE])' % _MIN_DIGITS_OUT_OF_RANGE
+)
+
+
 def decode_document(payload: bytes) -> dict[str, Any]:
     if not payload.strip():
         raise invalid_json("empty body; expected a JSON object")
@@ -55,7 +74,35 @@ def decode_document(payload: bytes) -> dict[str, Any]:
         raise invalid_json(str(exc)) from None
     if not isinstance(document, dict):
         raise malformed(f"body must be a JSON object, got {json_type(document)}")
+    _check_integers(payload)
     return document
+
+
+def _check_integers(payload: bytes) -> None:
+    """400 for an integer literal orjson could not keep (it became a float). `payload` is valid JSON."""
+    if not _LONG_DIGIT_RUN.search(payload):  # the usual case: no digit run long enough, no scan
+        return
+    for token in _LONG_INTEGER_OR_STRING.finditer(payload):
+        text = token.group()
+        if text[:1] == b'"':
+            continue
+        if len(text.lstrip(b"-")) > len(str(MAX_INTEGER)) or not MIN_INTEGER <= int(text) <= MAX_INTEGER:
+            shown = text if len(text) <= 40 else text[:37] + b"..."
+            raise malformed(
+                f"integer {shown.decode()} is outside the 64-bit range [{MIN_INTEGER}, {MAX_INTEGER}]; "
+                "send it as a string"
+            )
+
+
+def encode(document: Any) -> bytes:
+    """JSON of a document orjson read, or 400 when orjson cannot write it back (too deep)."""
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError as exc:
+        raise malformed(
+            f"body cannot be stored: {exc} (JSON is stored at most {MAX_DEPTH} levels deep, "
+            "a batch's envelope included)"
+        ) from None
 
 
 def build_message(
@@ -75,7 +122,7 @@ def _event_message(event: dict[str, Any], event_type: str | None, received_at: s
     if event_type is not None:
         event["type"] = event_type  # Segment: the endpoint decides the type
     stamp(event, received_at, ip)
-    value = orjson.dumps(event)
+    value = encode(event)
     if len(value) > MAX_EVENT_BYTES:
         raise exceeds_payload_limit(
             f"event is {len(value)} bytes with receivedAt and context.ip; the limit is {MAX_EVENT_BYTES} bytes"
@@ -99,7 +146,7 @@ def _batch_message(document: dict[str, Any], received_at: str, ip: str | None) -
     batch_has_ip = isinstance(shared_context, dict) and shared_context.get("ip") is not None
     for item in batch:
         stamp(item, received_at, None if batch_has_ip else ip)
-    value = orjson.dumps(document)
+    value = encode(document)
     _check_batch_like_the_normaliser(value)
     return RawMessage(value, key_of(batch[0]), len(batch))
 

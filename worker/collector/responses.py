@@ -14,12 +14,14 @@ an error instead or pass the event on for the normaliser to dead-letter with a r
 
 - 401 unknown or missing write key (Segment answers 200 and drops; Jitsu answers 401);
 - 400 malformed JSON, wrong shape, over Segment's size limits (SDKs do not retry a 400);
+- 408 headers or body not received within COLLECTOR_READ_TIMEOUT_SECONDS (the connection is closed);
 - 413 a body larger than COLLECTOR_MAX_BODY_BYTES on the wire, refused unread;
 - 415 a Content-Encoding other than gzip/identity;
 - 503 the broker did not acknowledge in time, or too many requests are waiting for it
   (SDKs retry 5xx with backoff, so nothing is lost; a retry of a message the broker did store
   after all is a duplicate with the same messageId, which destinations dedupe);
-- 500 a bug of ours (SDKs retry it too).
+- 500 a bug of ours (SDKs retry it too). Never an answer to a body, whatever its bytes: anything
+  the collector cannot store unchanged is a 4xx.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def invalid_json(detail: str) -> HttpError:
 
 def exceeds_payload_limit(detail: str) -> HttpError:
     return HttpError(400, "payload_too_large", f"Exceed payload limit: {detail}")
+
+
+def unreadable_body(detail: str) -> HttpError:
+    # The body stopped early or broke its framing (chunked encoding, Content-Length): the client's doing.
+    return HttpError(400, "invalid_request", f"request body could not be read: {detail}")
+
+
+def request_timeout(seconds: float) -> HttpError:
+    return HttpError(
+        408, "request_timeout", f"request not received within {seconds:g}s", headers={"Connection": "close"}
+    )
 
 
 def body_too_large(limit: int) -> HttpError:

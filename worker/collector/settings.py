@@ -33,6 +33,11 @@ class CollectorSettings(Section):
     max_in_flight: int = Field(default=1000, gt=0)
     # On SIGTERM: how long in-flight requests may take to finish, then how long the producer may flush.
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0)
+    # How long a client may take to send a request's headers (from connecting, or from the first
+    # byte of its next request on a kept-alive connection), and then its body: past that the
+    # connection is answered 408 and closed, so clients that stall (slowloris) cannot hold
+    # connections open. Finite and positive: there is no "never".
+    read_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
 
     @field_validator("write_keys", mode="before")
     @classmethod

@@ -1,18 +1,27 @@
 """`segment-worker dlq replay DEST|raw`: sending dead letters back where they came from.
 
 Replay re-produces each dead letter to its `original_topic` (same key and value; header
-`replayed_from` = dlq topic:partition:offset), so a destination's letters go back to its sink and
-`raw` letters go back through the normaliser. It tracks its progress in a consumer group of its
-own, named after the destination and the filters, and commits a position only after every
-re-produce before it was acknowledged: a replay that crashes or is killed resumes where it left
-off when run again with the same arguments. A duplicate is still possible for the last
-unacknowledged batch, and harmless: destinations dedupe by messageId (insert_id, uniqueId, ...).
+`replayed_from` = dlq topic:partition:offset, and `replay_run` = the run's id), so a destination's
+letters go back to its sink and `raw` letters go back through the normaliser. It tracks its
+progress in a consumer group of its own, named after the destination and the filters, and commits
+a position only after every re-produce before it was acknowledged: a replay that crashes or is
+killed resumes where it left off when run again with the same arguments. A duplicate is still
+possible for the last unacknowledged batch, and harmless: destinations dedupe by messageId
+(insert_id, uniqueId, ...).
+
+A run replays the letters that were in the topic when it started, and stops at each partition's
+end as it was then (`worker.dlq.inspect.Ends`). A letter that fails again while the run goes on
+comes back to the very topic it reads, as a new letter past that end: it is left, uncommitted,
+for the next run. (Reading until the topic fell quiet, as replay once did, re-replayed such
+letters for ever.) A letter marked with this run's own `replay_run` is skipped too, should a
+dead-letter writer carry the header over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO
@@ -21,9 +30,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from worker.config import Config
 from worker.dlq.headers import header_map
-from worker.dlq.inspect import IDLE_SECONDS
+from worker.dlq.inspect import EOF_EVENTS, Ends, read_to_ends
 from worker.kafka.producer import Producer
-from worker.kafka.reading import read_until_quiet
 from worker.names import Names
 from worker.segment.timestamps import millis_of
 
@@ -55,11 +63,18 @@ class ReplayFilter:
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+REPLAYED_FROM = "replayed_from"  # dlq topic:partition:offset of the letter a message was re-produced from
+REPLAY_RUN = "replay_run"  # the id of the replay run that re-produced it
+_OWN_HEADERS = (REPLAYED_FROM, REPLAY_RUN)
+
+
 @dataclass
 class ReplayReport:
+    run: str = ""
     matched: int = 0
     replayed: int = 0
     skipped: int = 0
+    later: int = 0  # letters written after the run started (its own among them): left for the next run
     by_reason: Counter[str] = field(default_factory=Counter)
     targets: Counter[str] = field(default_factory=Counter)
 
@@ -79,20 +94,27 @@ def replay(
     timeout: float = 3600.0,
 ) -> ReplayReport:
     topic = config.names.dlq(destination)
+    started = time.monotonic()
+    report = ReplayReport(run=uuid.uuid4().hex)
+    ends = Ends.now(config.kafka, topic)  # before the first re-produce: none of its failures is before these
     # Commits happen only after the re-produce is acknowledged.
     consumer = config.kafka.consumer(
         f"dlq-replay-{destination}-{filters.group_suffix()}",
-        {"enable.auto.commit": "false", "statistics.interval.ms": "0"},
+        {"enable.auto.commit": "false", "statistics.interval.ms": "0", **EOF_EVENTS},
     )
     producer = None if dry_run else config.kafka.producer()
-    report = ReplayReport()
-    started = time.monotonic()
     try:
-        assigned: list[TopicPartition] = []
-        consumer.subscribe([topic], on_assign=lambda _c, partitions: assigned.extend(partitions))
+        consumer.subscribe(
+            [topic],
+            on_assign=lambda _c, partitions: ends.assign(tp.partition for tp in partitions),
+            on_revoke=lambda _c, partitions: ends.revoke(tp.partition for tp in partitions),
+        )
         pending: list[Message] = []
-        for message in read_until_quiet(consumer, IDLE_SECONDS, started + timeout, started=lambda: bool(assigned)):
+        for message in read_to_ends(consumer, ends, started + timeout):
             headers = header_map(message.headers())
+            if headers.get(REPLAY_RUN) == report.run:  # our own re-produce failed again: next run's
+                report.later += 1
+                continue
             if not filters.matches(headers):
                 report.skipped += 1
                 pending.append(message)
@@ -106,13 +128,13 @@ def replay(
             pending.append(message)
             if producer is not None:
                 replayed_from = f"{message.topic()}:{message.partition()}:{message.offset()}"
-                kept = [(k, v) for k, v in (message.headers() or []) if k != "replayed_from"]
+                kept = [(k, v) for k, v in (message.headers() or []) if k not in _OWN_HEADERS]
                 producer.produce(
                     target,
                     message.value(),
                     message.key(),
                     _fail_on_error,
-                    [*kept, ("replayed_from", replayed_from.encode())],
+                    [*kept, (REPLAYED_FROM, replayed_from.encode()), (REPLAY_RUN, report.run.encode())],
                 )
                 report.replayed += 1
                 if rate:
@@ -124,6 +146,7 @@ def replay(
             _commit_after_flush(consumer, producer, pending)
     finally:
         consumer.close()
+    report.later += ends.later
     return report
 
 
@@ -157,6 +180,8 @@ def print_replay(report: ReplayReport, dry_run: bool, out: IO[str]) -> None:
         f"{verb} {report.matched if dry_run else report.replayed} dead letters "
         f"({report.skipped} did not match the filters)\n"
     )
+    if report.later:
+        out.write(f"{report.later} dead letters written since the replay started were seen and left for the next run\n")
     for target, count in report.targets.most_common():
         out.write(f"  {count:>8}  -> {target}\n")
     for reason, count in report.by_reason.most_common(20):

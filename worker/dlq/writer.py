@@ -25,6 +25,9 @@ from worker.kafka.producer import DeliveryCallback, Producer
 log = logs.get(__name__)
 
 
+# Headers of the failed message that a dead letter keeps: a letter that fails again after a replay
+# still says which replay re-produced it, so that replay does not read it back for ever.
+TRACE_HEADERS = ("replayed_from", "replay_run")
 # Room for the record's own framing (lengths, timestamp, header names) beyond key, value and headers.
 _RECORD_OVERHEAD_BYTES = 512
 
@@ -75,7 +78,7 @@ class DeadLetterWriter:
             destination=self.destination,
             attempts=max(attempts, 1),
             http_status=http_status,
-            extra=extra,
+            extra={**_trace_of(original), **(extra or {})},
         )
         payload = original.value() if value is None else value
         key = original.key()
@@ -109,3 +112,11 @@ class DeadLetterWriter:
         marker = ("truncated", str(len(payload)).encode())
         room = limit - framing - len(marker[0]) - len(marker[1])
         return payload[: max(room, 0)], [*headers, marker]
+
+
+def _trace_of(original: Message) -> dict[str, str]:
+    return {
+        name: value.decode("utf-8", "replace")
+        for name, value in original.headers() or []
+        if name in TRACE_HEADERS and value is not None
+    }

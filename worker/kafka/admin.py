@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
@@ -33,7 +34,22 @@ def create_topics(
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
             result[name] = "exists"
+    _wait_until_listed(admin, [s.name for s in specs], timeout)
     return result
+
+
+def _wait_until_listed(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """A created topic takes a moment to reach every broker's metadata (Apache Kafka answers
+    UNKNOWN_TOPIC_OR_PART meanwhile): return only once each is listed with its partitions."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        missing = [n for n in names if n not in topics or topics[n].error is not None or not topics[n].partitions]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaException(f"topics not listed {timeout}s after creation: {missing[:5]}")
+        time.sleep(0.05)
 
 
 def partition_counts(admin: AdminClient, timeout: float = 10.0) -> dict[str, int]:
