@@ -30,6 +30,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "broker_kind" in metafunc.fixturenames:
         chosen = metafunc.config.getoption("--broker")
         kinds = BROKER_KINDS if chosen == "both" else (chosen,)
+        # Unit tests that merely need a broker to hold messages run on the first broker chosen;
+        # the integration suite, and unit modules about broker behaviour (BOTH_BROKERS = True),
+        # run on each.
+        on_each = "integration" in metafunc.definition.nodeid.split("::")[0].split("/")
+        if not on_each and not getattr(metafunc.module, "BOTH_BROKERS", False):
+            kinds = kinds[:1]
         metafunc.parametrize("broker_kind", kinds, scope="session")
 
 

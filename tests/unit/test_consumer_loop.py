@@ -29,6 +29,9 @@ from worker.kafka.admin import TopicSpec, create_topics
 from worker.kafka.consumer_loop import Backpressure, ConsumerLoop
 from worker.kafka.offsets import Batch, TopicPartitionKey
 
+# The loop's rebalance handling is broker behaviour: run on both brokers.
+BOTH_BROKERS = True
+
 pytestmark = pytest.mark.integration
 
 ROLE = "loop"

@@ -52,6 +52,11 @@ from worker.destinations.base import (
     Unmappable,
     Verdict,
     classify_status,
+    encoded_item,
+    finite_number,
+    item_json,
+    object_field,
+    text_of,
 )
 from worker.segment.event import SegmentEvent
 from worker.segment.timestamps import InvalidTimestamp, millis_of
@@ -103,11 +108,11 @@ class AmberfloDestination:
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
         if endpoint.name == INGEST_ENDPOINT:
-            body = orjson.dumps([item.payload for item in items])  # /ingest takes an array of records
+            body = orjson.dumps([item_json(item) for item in items])  # /ingest takes an array of records
         else:
             if len(items) != 1:
                 raise ValueError(f"{endpoint.name} takes one item per request, got {len(items)}")
-            body = orjson.dumps(items[0].payload)
+            body = orjson.dumps(item_json(items[0]))
         return Request(
             method=endpoint.method,
             base=endpoint.base,
@@ -142,7 +147,9 @@ def _track_record(event: SegmentEvent) -> dict[str, Any]:
     name = event.get("event")
     if not name:
         raise Unmappable("track without an event name")
-    properties = dict(event.get("properties") or {})
+    if not isinstance(name, str):
+        raise Unmappable(f"event must be a string, got {type(name).__name__}")
+    properties = dict(object_field(event, "properties"))
     value = properties.pop("value", None)
     return _record(event, name, _meter_value(value), _dimensions(properties))
 
@@ -152,7 +159,7 @@ def _view_record(event: SegmentEvent, kind: str) -> dict[str, Any]:
     dimensions: dict[str, str] = {}
     if event.get("name"):
         dimensions["name"] = _dimension_value(event["name"])
-    for key, value in _dimensions(event.get("properties") or {}).items():
+    for key, value in _dimensions(object_field(event, "properties")).items():
         dimensions.setdefault(key, value)
     return _record(event, kind, 1.0, dimensions)
 
@@ -174,33 +181,24 @@ def _customer_payload(event: SegmentEvent) -> dict[str, Any]:
     user_id = event.get("userId")
     if not user_id:
         raise Skip("identify without userId")
-    traits = dict(event.get("traits") or {})
+    user_id = text_of(user_id)
+    traits = dict(object_field(event, "traits"))
     name = traits.pop("name", None)
     email = traits.pop("email", None)
-    payload: dict[str, Any] = {"customerId": user_id, "customerName": str(name) if name else user_id}
+    payload: dict[str, Any] = {"customerId": user_id, "customerName": text_of(name) if name else user_id}
     if email:
-        payload["customerEmail"] = str(email)
+        payload["customerEmail"] = text_of(email)
     payload["traits"] = _dimensions(traits)
     return payload
 
 
 def _meter_item(record: dict[str, Any]) -> Item:
-    return Item(
-        endpoint=INGEST_ENDPOINT,
-        payload=record,
-        dedupe_id=str(record["uniqueId"]),
-        user=record["customerId"],
-    )
+    return encoded_item(INGEST_ENDPOINT, record, str(record["uniqueId"]), record["customerId"])
 
 
 def _customer_item(event: SegmentEvent) -> Item:
     payload = _customer_payload(event)
-    return Item(
-        endpoint=CUSTOMERS_ENDPOINT,
-        payload=payload,
-        dedupe_id=_message_id(event),
-        user=payload["customerId"],
-    )
+    return encoded_item(CUSTOMERS_ENDPOINT, payload, _message_id(event), payload["customerId"])
 
 
 def _message_id(event: SegmentEvent) -> str:
@@ -208,14 +206,14 @@ def _message_id(event: SegmentEvent) -> str:
     message_id = event.get("messageId")
     if not message_id:
         raise Unmappable("missing messageId (the uniqueId)")
-    return str(message_id)
+    return text_of(message_id)
 
 
 def _customer_id(event: SegmentEvent) -> str:
     customer_id = event.get("userId") or event.get("anonymousId")
     if not customer_id:
         raise Unmappable("neither userId nor anonymousId")
-    return customer_id
+    return text_of(customer_id)
 
 
 def _time(event: SegmentEvent) -> int:
@@ -223,22 +221,21 @@ def _time(event: SegmentEvent) -> int:
         return millis_of(event.get("timestamp", ""))
     except InvalidTimestamp as exc:
         raise Unmappable(f"timestamp: {exc}") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # a date outside what datetime can represent
+        raise Unmappable(f"timestamp: {type(exc).__name__}: {exc}") from None
 
 
 def _meter_value(value: object) -> float:
-    """properties.value, or 1 when it is not set; a value that is not a number is a bad event."""
+    """properties.value, or 1 when it is not set; a value that is not a finite number is a bad event
+    (orjson would send nan and inf as null, which the API refuses)."""
     if value is None:
         return 1.0
     if isinstance(value, bool):
         raise Unmappable("properties.value must be a number, got a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise Unmappable(f"properties.value must be a number, got {str(value)[:40]!r}")
+    number = finite_number(value, "properties.value")
+    if number is None:
+        raise Unmappable(f"properties.value must be a number, got {str(value)[:40]!r}")
+    return number
 
 
 def _dimensions(properties: Mapping[str, Any]) -> dict[str, str]:
@@ -251,7 +248,10 @@ def _dimension_value(value: object) -> str:
         text = value
     elif isinstance(value, bool | int | float | dict | list):
         # JSON spelling, so true stays "true" and nested objects stay readable.
-        text = orjson.dumps(value).decode()
+        try:
+            text = orjson.dumps(value).decode()
+        except TypeError:  # an integer beyond 64 bits (possibly nested): its own digits
+            text = str(value)
     else:
         text = str(value)
     return text.translate(_VALUE_SANITISER)

@@ -50,8 +50,15 @@ from worker.destinations.base import (
     Skip,
     Unmappable,
     Verdict,
+    as_object,
     classify_status,
+    encoded_item,
+    finite_number,
+    int64,
+    item_json,
+    object_field,
     parse_retry_after,
+    text_of,
 )
 from worker.segment.event import SegmentEvent
 from worker.segment.timestamps import InvalidTimestamp, millis_of
@@ -134,13 +141,15 @@ class AmplitudeDestination:
             payloads = self._group(event)
         else:
             raise Unmappable(f"unsupported event type {kind!r}")
-        return [_item(payload) for payload in payloads]
+        return [_item(payload) for payload in payloads]  # each one encoded once, here: Unmappable if it cannot be
 
     def _track(self, event: SegmentEvent) -> dict[str, Any]:
         name = event.get("event")
         if not name:
             raise Unmappable("track without an event name")
-        properties = event.get("properties") or {}
+        if not isinstance(name, str):
+            raise Unmappable(f"event must be a string, got {type(name).__name__}")
+        properties = object_field(event, "properties")
         payload = self._base(event, self._event_type(name))
         payload["event_properties"] = self._renamed(properties)
         payload.update(_revenue_fields(properties))
@@ -150,8 +159,8 @@ class AmplitudeDestination:
     def _viewed(self, event: SegmentEvent, what: str) -> dict[str, Any]:
         """page -> "Viewed {name} Page" (or "Loaded a Page"); screen likewise with "Screen"."""
         name = event.get("name")
-        event_type = f"Viewed {name} {what}" if name else f"Loaded a {what}"
-        properties = dict(event.get("properties") or {})
+        event_type = f"Viewed {text_of(name)} {what}" if name else f"Loaded a {what}"
+        properties = dict(object_field(event, "properties"))
         # Keep the page's name and category as properties too, so charts can group by them.
         for key in ("name", "category"):
             if event.get(key) and key not in properties:
@@ -176,8 +185,8 @@ class AmplitudeDestination:
         group_id = event.get("groupId")
         if not group_id:
             raise Unmappable("group without groupId")
-        traits = dict(event.get("traits") or {})
-        group_type = str(traits.pop("groupType", None) or "group")
+        traits = dict(object_field(event, "traits"))
+        group_type = text_of(traits.pop("groupType", None) or "group")
         groups = {group_type: group_id}
         membership = self._base(event, "$identify")
         membership["groups"] = groups
@@ -192,16 +201,16 @@ class AmplitudeDestination:
 
     def _base(self, event: SegmentEvent, event_type: str) -> dict[str, Any]:
         """Fields every Amplitude event carries: ids, type, time, insert_id and the context fields."""
-        context = event.get("context") or {}
+        context = object_field(event, "context")
         user_id = event.get("userId")
         device_id = _dig(context, ("device", "id")) or event.get("anonymousId")
         if not user_id and not device_id:
             raise Unmappable("neither userId nor anonymousId/context.device.id")
         payload: dict[str, Any] = {}
         if user_id:
-            payload["user_id"] = str(user_id)
+            payload["user_id"] = text_of(user_id)
         if device_id:
-            payload["device_id"] = str(device_id)
+            payload["device_id"] = text_of(device_id)
         payload["event_type"] = event_type
         payload["time"] = _event_time(event)
         payload["insert_id"] = _message_id(event)
@@ -234,7 +243,7 @@ class AmplitudeDestination:
     # -- requests --------------------------------------------------------------------------------
 
     def encode(self, endpoint: Endpoint, items: Sequence[Item]) -> Request:
-        body: dict[str, Any] = {"api_key": self._api_key(), "events": [item.payload for item in items]}
+        body: dict[str, Any] = {"api_key": self._api_key(), "events": [item_json(item) for item in items]}
         if self.config.min_id_length is not None:
             body["options"] = {"min_id_length": self.config.min_id_length}
         return Request(
@@ -363,11 +372,11 @@ def _keys(parsed: Mapping[str, Any], key: str) -> set[str]:
 
 
 def _item(payload: dict[str, Any]) -> Item:
-    return Item(
-        endpoint=EVENTS_ENDPOINT,
-        payload=payload,
-        dedupe_id=str(payload["insert_id"]),
-        user=str(payload.get("user_id") or payload.get("device_id") or ""),
+    return encoded_item(
+        EVENTS_ENDPOINT,
+        payload,
+        str(payload["insert_id"]),
+        str(payload.get("user_id") or payload.get("device_id") or ""),
     )
 
 
@@ -376,7 +385,7 @@ def _message_id(event: SegmentEvent) -> str:
     message_id = event.get("messageId")
     if not message_id:
         raise Unmappable("missing messageId (the insert_id)")
-    return str(message_id)
+    return text_of(message_id)
 
 
 def _event_time(event: SegmentEvent) -> int:
@@ -384,54 +393,48 @@ def _event_time(event: SegmentEvent) -> int:
         return millis_of(event.get("timestamp", ""))
     except InvalidTimestamp as exc:
         raise Unmappable(f"timestamp: {exc}") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # a date outside what datetime can represent
+        raise Unmappable(f"timestamp: {type(exc).__name__}: {exc}") from None
 
 
 def _user_traits(event: SegmentEvent) -> dict[str, Any]:
     """The user's traits: context.traits (sent with any call) overridden by an identify's own traits."""
-    context_traits = (event.get("context") or {}).get("traits") or {}
+    # context.traits is whatever the producer sent with the call: a value that is not an object is
+    # ignored (the event is still good); the event's own `traits` is always an object when normalised.
+    context_traits = as_object(object_field(event, "context").get("traits"))
     if event.get("type") == "group":  # a group call's traits describe the group, not the user
         return dict(context_traits)
-    return {**context_traits, **(event.get("traits") or {})}
+    return {**context_traits, **object_field(event, "traits")}
 
 
 def _revenue_fields(properties: Mapping[str, Any]) -> dict[str, Any]:
     """Amplitude's revenue fields from Segment's ecommerce properties (revenue, price, quantity...)."""
+    # A numeric value that is not a finite double (nan, inf, "1e999") or, for quantity (an integer), is
+    # beyond 64 bits is a bad event (Unmappable, with the property named); a value that is not numeric
+    # at all is not a revenue field and stays only in event_properties.
     fields: dict[str, Any] = {}
     for field in ("revenue", "price"):
-        number = _number(properties.get(field))
+        number = finite_number(properties.get(field), f"properties.{field}")
         if number is not None:
             fields[field] = number
-    quantity = _number(properties.get("quantity"))
+    quantity = int64(properties.get("quantity"), "properties.quantity")
     if quantity is not None:
-        fields["quantity"] = int(quantity)
+        fields["quantity"] = quantity
     # Amplitude ignores productId/revenueType unless revenue or price comes with them.
     if "revenue" in fields or "price" in fields:
         product_id = properties.get("productId", properties.get("product_id"))
         revenue_type = properties.get("revenueType", properties.get("revenue_type"))
         if product_id not in (None, ""):
-            fields["productId"] = str(product_id)
+            fields["productId"] = text_of(product_id)
         if revenue_type not in (None, ""):
-            fields["revenueType"] = str(revenue_type)
+            fields["revenueType"] = text_of(revenue_type)
     return fields
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _platform(context: Mapping[str, Any]) -> str | None:
     device_type = _dig(context, ("device", "type"))
     if device_type:
-        return str(device_type)
+        return text_of(device_type)
     # Browsers send a user agent and no device type (analytics.js); Amplitude calls that "Web".
     return "Web" if context.get("userAgent") else None
 
@@ -441,7 +444,7 @@ def _library(context: Mapping[str, Any]) -> str | None:
     if not name:
         return None
     version = _dig(context, ("library", "version"))
-    return f"{name}/{version}" if version else str(name)
+    return f"{text_of(name)}/{text_of(version)}" if version else text_of(name)
 
 
 def _dig(mapping: Mapping[str, Any], path: tuple[str, ...]) -> Any:

@@ -10,6 +10,7 @@ clock, no globals, so it is tested with golden examples.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,108 @@ class Item:
     payload: dict[str, Any]
     dedupe_id: str  # the destination's dedupe key, derived from the messageId (insert_id / uniqueId / keyValue)
     user: str = ""  # who it is about (for per-user throttling): user id, else device id
+    # The payload as JSON, made once when the item is mapped (`encoded_item`): mapping proves the item
+    # can be encoded, and `encode` embeds these bytes instead of serialising the payload again.
+    body: bytes | None = field(default=None, compare=False, repr=False)
+
+
+def encoded_item(endpoint: str, payload: dict[str, Any], dedupe_id: str, user: str = "") -> Item:
+    """An Item whose payload is known to encode; raises Unmappable (with the reason) when it does not."""
+    return Item(endpoint, payload, dedupe_id, user, json_bytes(payload))
+
+
+def item_json(item: Item) -> Any:
+    """What to put in a request body for `item`: its pre-encoded bytes (as an orjson Fragment), else its payload."""
+    return orjson.Fragment(item.body) if item.body is not None else item.payload
+
+
+def json_bytes(payload: Any) -> bytes:
+    """orjson's bytes for `payload`, or Unmappable: integers beyond 64 bits, strings that are not valid
+    UTF-8 (lone surrogates), keys that are not strings and nesting deeper than 254 cannot be encoded."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise Unmappable(f"the payload cannot be encoded as JSON: {exc}") from None
+
+
+# -- coercion of event values (pure) -------------------------------------------------------------
+#
+# The normaliser guarantees the shape of an event (worker.segment.event) but not what producers put
+# inside its free-form maps. These helpers turn a value into what a destination field needs, or
+# raise Unmappable with a reason a person can act on, so no value can crash a mapping.
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def object_field(event: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A top-level map of the event (`properties`, `traits`, `context`): {} when absent; Unmappable when
+    it is not an object (the normaliser always writes objects there)."""
+    value = event.get(name)
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    raise Unmappable(f"{name} must be an object, got {type(value).__name__}")
+
+
+def as_object(value: Any) -> dict[str, Any]:
+    """A nested map (`context.traits`, `context.device` ...): the value if it is an object, else {}."""
+    return value if isinstance(value, dict) else {}
+
+
+def text_of(value: Any) -> str:
+    """A name or id as text: strings as they are, anything else in its JSON spelling where it has one."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return str(value)
+
+
+def finite_number(value: Any, what: str) -> float | None:
+    """A number (or numeric string) as a finite float; None when absent or not numeric at all (a
+    boolean, a word, an object); Unmappable when numeric but not finite (nan, inf, "1e999") or too
+    large for a double."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    try:
+        number = float(number)
+    except OverflowError:
+        raise Unmappable(f"{what} is too large for a number: {_preview(value)}") from None
+    if not math.isfinite(number):
+        raise Unmappable(f"{what} must be a finite number, got {_preview(value)}")
+    return number
+
+
+def int64(value: Any, what: str) -> int | None:
+    """`finite_number` truncated to an integer within the signed 64-bit range, else Unmappable."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number: float | int | None = value  # exact: no round trip through float
+    else:
+        number = finite_number(value, what)
+        if number is None:
+            return None
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise Unmappable(f"{what} is out of the 64-bit integer range: {_preview(value)}")
+    return int(number)
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -118,23 +221,51 @@ def one_item_request(destination: str, endpoint: Endpoint, items: Sequence[Item]
     if len(items) != 1:
         raise ValueError(f"{destination} {endpoint.name} takes one item per request, got {len(items)}")
     headers = {"Content-Type": "application/json", "Accept": "application/json", **auth}
-    return Request(endpoint.method, endpoint.base, endpoint.path, headers, orjson.dumps(items[0].payload))
+    item = items[0]
+    body = item.body if item.body is not None else orjson.dumps(item.payload)
+    return Request(endpoint.method, endpoint.base, endpoint.path, headers, body)
+
+
+# The longest wait a hint can ask for: `inf`, `1e309` and year-9999 dates come out as this. The
+# delivery engine caps every hint again at SINK_BACKOFF_MAX and the item's remaining retry budget.
+MAX_HINT_SECONDS = 86_400.0
+
+
+def parse_seconds(value: object) -> float | None:
+    """A wait in seconds from a header or body value: a finite, non-negative number at most
+    MAX_HINT_SECONDS; None when absent, not a number, negative or nan (not a usable hint)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not seconds >= 0.0:  # negative, or nan
+        return None
+    return min(seconds, MAX_HINT_SECONDS)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    """Retry-After as seconds: either delta-seconds or an HTTP date (RFC 9110 10.2.3), validated by
+    `parse_seconds` (a date in the past means now: 0)."""
     if not value:
         return None
     value = value.strip()
+    seconds = parse_seconds(value)
+    if seconds is not None:
+        return seconds
     try:
-        return max(0.0, float(value))
-    except ValueError:
+        float(value)
+    except (ValueError, OverflowError):
         pass
+    else:
+        return None  # a number, but negative or nan
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        delta = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return parse_seconds(max(0.0, delta))
 
 
 def classify_status(status: int, body: bytes, headers: Mapping[str, str]) -> ItemResult:

@@ -18,8 +18,13 @@ https://developers.brevo.com/docs/how-it-works):
 - Errors are `{"code": "...", "message": "..."}` (codes such as `invalid_parameter`,
   `missing_parameter`, `duplicate_parameter`, `unauthorized`). 429 carries `x-sib-ratelimit-limit`,
   `x-sib-ratelimit-remaining` and `x-sib-ratelimit-reset` (seconds) and no Retry-After
-  (https://developers.brevo.com/docs/limit-headers); POST /v3/events allows 10 requests/s on the
-  general tier (https://developers.brevo.com/docs/api-limits).
+  (https://developers.brevo.com/docs/limit-headers).
+- Rate limits (https://developers.brevo.com/docs/api-limits, "General rate limits", the tier every
+  account has, Free included): `POST /v3/events` 36,000 requests/hour and 10 requests/s; all
+  endpoints under `/v3/contacts/{...}` likewise 36,000 RPH and 10 RPS (the Advanced and Extended
+  tiers of Professional and Enterprise accounts allow 20 and 60 RPS). Every item is one request, so
+  the sink keeps all of its requests together under `BREVO_EVENTS_PER_SECOND` (default 10), which
+  keeps each endpoint under its own 10 RPS; accounts on a higher tier raise it.
 
 Field mappings follow the Amplitude-connector tables in docs/MAPPINGS.md#brevo (event names -> Brevo
 event names, user properties -> contact attributes such as FIRSTNAME/LASTNAME/SMS, list ids), with
@@ -33,6 +38,7 @@ repair such an event, so a DLQ entry would only be noise. The skip is counted wi
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar
@@ -43,6 +49,8 @@ from pydantic_settings import NoDecode
 
 from worker.config_loader import Section
 from worker.destinations.base import (
+    INT64_MAX,
+    INT64_MIN,
     Endpoint,
     Item,
     ItemResult,
@@ -51,8 +59,13 @@ from worker.destinations.base import (
     Skip,
     Unmappable,
     Verdict,
+    as_object,
     classify_status,
+    encoded_item,
+    object_field,
     one_item_request,
+    parse_seconds,
+    text_of,
 )
 from worker.segment.event import SegmentEvent
 
@@ -63,6 +76,9 @@ EVENTS = Endpoint("events", "POST", "default", "/v3/events", max_bytes=60 * 1024
 CONTACTS = Endpoint("contacts", "POST", "default", "/v3/contacts")
 
 NAME_MAX = 255
+# "General rate limits" (https://developers.brevo.com/docs/api-limits): POST /v3/events 10 RPS
+# (36,000 RPH), /v3/contacts/{...} 10 RPS (36,000 RPH), on every account type.
+DOCUMENTED_REQUESTS_PER_SECOND = 10.0
 _INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
 # "Event Mapping" in docs/MAPPINGS.md#brevo (Amplitude event -> Brevo event); other names are slugged.
@@ -105,6 +121,9 @@ class BrevoConfig(Section):
     list_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     # Segment event name -> Brevo event name (JSON in BREVO_EVENT_MAP replaces the default).
     event_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_EVENT_MAP))
+    # Requests per second the sink keeps under (one item a request): Brevo's documented general-tier
+    # limit, 10 RPS for POST /v3/events and for /v3/contacts (https://developers.brevo.com/docs/api-limits).
+    events_per_second: float = Field(default=DOCUMENTED_REQUESTS_PER_SECOND, gt=0)
 
     @field_validator("list_ids", mode="before")
     @classmethod
@@ -126,7 +145,8 @@ class Brevo:
         self.config = config
         self.endpoints: Mapping[str, Endpoint] = {e.name: e for e in (EVENTS, CONTACTS)}
         self.base_urls: Mapping[str, str] = {"default": config.base_url}
-        self.events_per_second: float | None = None  # 429s carry x-sib-ratelimit-reset and are retried
+        # Kept under client-side (429s, which carry x-sib-ratelimit-reset, are still retried).
+        self.events_per_second: float | None = config.events_per_second
 
     def map_event(self, event: SegmentEvent) -> list[Item]:
         kind = event.get("type")
@@ -153,10 +173,10 @@ class Brevo:
     # -- payloads ---------------------------------------------------------------------------------
 
     def contact_payload(self, event: SegmentEvent) -> dict[str, Any]:
-        traits = event.get("traits") or {}
-        attributes = self._attributes(traits)
+        traits = object_field(event, "traits")
+        attributes = self._attributes(traits, "traits")
         email = _text(traits.get("email"))
-        user_id = event.get("userId")
+        user_id = text_of(event.get("userId"))
         if not (email or user_id or attributes.get("SMS")):
             raise Skip("brevo contacts need an email, a userId (ext_id) or a phone (SMS)")
         payload: dict[str, Any] = {"updateEnabled": True}
@@ -171,15 +191,15 @@ class Brevo:
         return payload
 
     def event_payload(self, event: SegmentEvent) -> dict[str, Any]:
-        traits = _dict(_dict(event.get("context")).get("traits"))
+        traits = as_object(object_field(event, "context").get("traits"))
         identifiers: dict[str, str] = {}
         if email := _text(traits.get("email")):
             identifiers["email_id"] = email
-        if user_id := event.get("userId"):
+        if user_id := text_of(event.get("userId")):
             identifiers["ext_id"] = user_id
         if not identifiers:
             raise Skip("brevo events need a userId (ext_id) or an email (email_id)")
-        properties = dict(event.get("properties") or {})
+        properties = dict(object_field(event, "properties"))
         if event.get("type") in ("page", "screen") and event.get("name"):
             properties.setdefault("name", event["name"])
         # Brevo has no event id: the messageId rides along as a property so duplicates can be seen.
@@ -189,7 +209,7 @@ class Brevo:
             "identifiers": identifiers,
             "event_properties": _clean_properties(properties),
         }
-        if contact_properties := self._attributes(traits):
+        if contact_properties := self._attributes(traits, "context.traits"):
             payload["contact_properties"] = contact_properties
         if timestamp := event.get("timestamp"):
             payload["event_date"] = timestamp
@@ -203,25 +223,28 @@ class Brevo:
             raw = self.config.event_map.get("Screen View", "screen_viewed")
         else:
             raw = event.get("event") or ""
+            if not isinstance(raw, str):
+                raise Unmappable(f"event must be a string, got {type(raw).__name__}")
             raw = self.config.event_map.get(raw, raw)
         name = slug(raw)
         if not name:
             raise Unmappable(f"event name {raw[:64]!r} leaves no valid Brevo event_name")
         return name
 
-    def _attributes(self, traits: Mapping[str, Any]) -> dict[str, Any]:
+    def _attributes(self, traits: Mapping[str, Any], where: str) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
         for trait, attribute in self.config.attribute_map.items():
             value = traits.get(trait)
-            # Contact attributes take strings, numbers and booleans only.
+            # Contact attributes take strings, numbers and booleans only; a number must be one the
+            # API can store (finite, within 64 bits), not what orjson would write as null.
             if isinstance(value, str | int | float | bool) and value != "":
-                attributes[attribute] = value
+                attributes[attribute] = _attribute_number(value, f"{where}.{trait}")
         return attributes
 
     @staticmethod
     def _item(endpoint: Endpoint, payload: dict[str, Any], event: SegmentEvent) -> Item:
-        user = event.get("userId") or event.get("anonymousId") or ""
-        return Item(endpoint.name, payload, event.get("messageId", ""), user)
+        user = text_of(event.get("userId") or event.get("anonymousId"))
+        return encoded_item(endpoint.name, payload, text_of(event.get("messageId")), user)
 
 
 def slug(name: str) -> str:
@@ -276,20 +299,26 @@ def _error_body(body: bytes) -> tuple[str | None, str]:
 
 
 def _rate_limit_reset(headers: Mapping[str, str]) -> float | None:
-    """Seconds until Brevo's rate-limit window resets (it sends no Retry-After)."""
+    """Seconds until Brevo's rate-limit window resets (it sends no Retry-After); validated like Retry-After."""
     value = next((v for k, v in headers.items() if k.lower() == RATE_LIMIT_RESET_HEADER), None)
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+    return parse_seconds(value)
+
+
+def _attribute_number(value: Any, what: str) -> Any:
+    """A contact attribute as it is, unless it is a number the API cannot take: Unmappable then."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise Unmappable(f"{what} is out of the 64-bit integer range: {str(value)[:40]}")
+        return value
+    if not math.isfinite(value):
+        raise Unmappable(f"{what} must be a finite number, got {value!r}")
+    return value
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def make(config: BrevoConfig | None = None) -> Brevo:

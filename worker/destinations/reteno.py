@@ -19,6 +19,13 @@ Endpoints (Reteno is built on the eSputnik/Yespo platform and shares its public 
 All three take the `X-Reteno-Access-Key` header
 (https://docs.yespo.io/reference/managing-mobile-sdk-access-keys) and one item per request.
 
+Rate limits (https://docs.reteno.com/reference/rate-limits, the same table as
+https://docs.yespo.io/reference/rate-limits): "Generate event v2" `POST /api/v2/event` allows 350
+requests/s; methods the table does not list, `POST /api/v1/contact` among them, "share a total
+default rate limit of 200 requests per second". Every item is one request, so the sink keeps all of
+its requests together under `RETENO_EVENTS_PER_SECOND` (default 200), which keeps the contact calls
+within the shared 200 and the events under their 350; 429s are still retried with backoff.
+
 Where the guide and the API reference differ, the API reference wins:
 - the guide's contact template always sends the email channel, with an empty value when the user has
   no email; the API requires a real channel, so a contact is sent only when it has one;
@@ -37,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import orjson
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from worker.config_loader import Section
 from worker.destinations.base import (
@@ -49,8 +56,12 @@ from worker.destinations.base import (
     Skip,
     Unmappable,
     Verdict,
+    as_object,
     classify_status,
+    encoded_item,
+    object_field,
     one_item_request,
+    text_of,
 )
 from worker.segment.event import SegmentEvent
 
@@ -67,6 +78,10 @@ KEY_VALUE_MAX = 300
 _FORBIDDEN_KEY_CHARS = re.compile(r"[<;\u2019'\\/|\"`^?!,>]")
 # The documented 400 body of an event type with parameter validation switched on.
 _REQUIRED_PARAMS_PREFIX = "The event should have the following params"
+# https://docs.reteno.com/reference/rate-limits: "The methods not listed in this table share a total
+# default rate limit of 200 requests per second" (POST /api/v1/contact is not listed; POST
+# /api/v2/event is, at 350). One bucket for all our requests at 200 keeps under both.
+DOCUMENTED_REQUESTS_PER_SECOND = 200.0
 
 
 class RetenoConfig(Section):
@@ -83,6 +98,8 @@ class RetenoConfig(Section):
     category: str = "MOBILE"
     # The guide's contact payload names the app on the channel (`device.appId`); sent when set.
     app_id: str | None = None
+    # Requests per second the sink keeps under (one item a request), from Reteno's documented limits.
+    events_per_second: float = Field(default=DOCUMENTED_REQUESTS_PER_SECOND, gt=0)
 
 
 class Reteno:
@@ -94,7 +111,7 @@ class Reteno:
         self.config = config
         self.endpoints: Mapping[str, Endpoint] = {e.name: e for e in (DEVICES, CONTACTS, EVENTS)}
         self.base_urls: Mapping[str, str] = {"default": config.base_url, "mobile": config.mobile_base_url}
-        self.events_per_second: float | None = None  # 429s are retried with backoff
+        self.events_per_second: float | None = config.events_per_second  # 429s are still retried with backoff
 
     def map_event(self, event: SegmentEvent) -> list[Item]:
         kind = event.get("type")
@@ -134,20 +151,20 @@ class Reteno:
 
     @staticmethod
     def _item(endpoint: Endpoint, payload: dict[str, Any], event: SegmentEvent) -> Item:
-        user = event.get("userId") or event.get("anonymousId") or ""
-        return Item(endpoint.name, payload, event.get("messageId", ""), user)
+        user = text_of(event.get("userId") or event.get("anonymousId"))
+        return encoded_item(endpoint.name, payload, text_of(event.get("messageId")), user)
 
 
 def device_payload(event: SegmentEvent, category: str) -> dict[str, Any]:
     """The device an identify carries (docs/MAPPINGS.md#reteno, "anonymous users" destination)."""
-    context = event.get("context") or {}
-    device = _dict(context.get("device"))
-    os_info = _dict(context.get("os"))
-    app = _dict(context.get("app"))
+    context = object_field(event, "context")
+    device = as_object(context.get("device"))
+    os_info = as_object(context.get("os"))
+    app = as_object(context.get("app"))
     device_id = device.get("id") or event.get("anonymousId")
     if not device_id:
         raise Unmappable("identify has neither context.device.id nor anonymousId")
-    payload: dict[str, Any] = {"deviceId": str(device_id), "category": category}
+    payload: dict[str, Any] = {"deviceId": text_of(device_id), "category": category}
     optional = {
         "externalUserId": event.get("userId"),
         "osType": os_type(os_info.get("name")),
@@ -155,7 +172,7 @@ def device_payload(event: SegmentEvent, category: str) -> dict[str, Any]:
         "osVersion": os_info.get("version"),
         "deviceModel": device.get("model"),
     }
-    payload.update({key: str(value) for key, value in optional.items() if value not in (None, "")})
+    payload.update({key: text_of(value) for key, value in optional.items() if value not in (None, "")})
     return payload
 
 
@@ -174,7 +191,7 @@ def contact_payload(
     event: SegmentEvent, contact_fields: Mapping[str, int], app_id: str | None
 ) -> dict[str, Any] | None:
     """The contact an identify describes, or None when it has no channel to create one with."""
-    traits = event.get("traits") or {}
+    traits = object_field(event, "traits")
     channel: dict[str, Any] = {"type": "email", "value": traits.get("email")}
     if not isinstance(channel["value"], str) or not channel["value"]:
         # The API requires `channels`; without an email there is nothing to create the contact
@@ -191,21 +208,23 @@ def contact_payload(
     if fields:
         payload["fields"] = fields
     if event.get("userId"):
-        payload["externalCustomerId"] = event["userId"]
+        payload["externalCustomerId"] = text_of(event["userId"])
     return payload
 
 
 def event_payload(event: SegmentEvent) -> dict[str, Any]:
     """A track/page/screen as a Reteno v2 event; messageId becomes keyValue (the dedupe key)."""
-    params = [{"name": "externalCustomerId", "value": event["userId"]}] if event.get("userId") else []
+    user_id = text_of(event.get("userId"))
+    params = [{"name": "externalCustomerId", "value": user_id}] if user_id else []
+    properties = object_field(event, "properties")
     if not params:
-        email = _dict(_dict(event.get("context")).get("traits")).get("email")
+        email = as_object(object_field(event, "context").get("traits")).get("email")
         if not email:
             # Reteno's events API identifies the contact by externalCustomerId, email, phone or
             # push token only; an anonymous device id is not one of them.
             raise Skip("reteno events need a userId or an email to find the contact")
-        params.append({"name": "email", "value": str(email)})
-    for name, value in (event.get("properties") or {}).items():
+        params.append({"name": "email", "value": text_of(email)})
+    for name, value in properties.items():
         if value is not None and name not in ("externalCustomerId", "email"):
             params.append({"name": str(name), "value": as_text(value)})
     return {"eventTypeKey": event_type_key(event), "keyValue": key_value(event), "params": params}
@@ -215,11 +234,11 @@ def event_type_key(event: SegmentEvent) -> str:
     """Track: the event name. Page/screen: Segment's "Viewed <name> Page|Screen" naming."""
     kind = event.get("type")
     if kind == "track":
-        raw = event.get("event") or ""
+        raw = text_of(event.get("event"))
     else:
         noun = "Page" if kind == "page" else "Screen"
         name = event.get("name")
-        raw = f"Viewed {name} {noun}" if name else f"Loaded a {noun}"
+        raw = f"Viewed {text_of(name)} {noun}" if name else f"Loaded a {noun}"
     key = " ".join(_FORBIDDEN_KEY_CHARS.sub(" ", raw).split())[:EVENT_TYPE_KEY_MAX]
     if not key:
         raise Unmappable(f"event name {raw[:64]!r} leaves no valid Reteno eventTypeKey")
@@ -228,12 +247,12 @@ def event_type_key(event: SegmentEvent) -> str:
 
 def key_value(event: SegmentEvent) -> str:
     """The event's keyValue: its messageId, or a digest of it when the API would refuse it as is."""
-    message_id = event.get("messageId") or ""
+    message_id = text_of(event.get("messageId"))
     if not message_id:
         raise Unmappable("event has no messageId to use as Reteno keyValue")
     if len(message_id) <= KEY_VALUE_MAX and not _FORBIDDEN_KEY_CHARS.search(message_id):
         return message_id
-    return "mid-" + hashlib.sha256(message_id.encode()).hexdigest()
+    return "mid-" + hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def as_text(value: Any) -> str:
@@ -244,7 +263,10 @@ def as_text(value: Any) -> str:
         return value
     if isinstance(value, int | float):
         return repr(value) if isinstance(value, float) else str(value)
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # holds an integer beyond 64 bits (or a string that is not valid UTF-8)
+        return str(value)
 
 
 def _classify_event_400(body: bytes, default: ItemResult) -> ItemResult:
@@ -259,17 +281,13 @@ def _lookup(event: SegmentEvent, source: str) -> Any:
     if source in ("userId", "anonymousId", "messageId"):
         return event.get(source)
     if "." not in source:
-        return (event.get("traits") or {}).get(source)
+        return as_object(event.get("traits")).get(source)
     node: Any = event
     for part in source.split("."):
         if not isinstance(node, Mapping):
             return None
         node = node.get(part)
     return node
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def make(config: RetenoConfig | None = None) -> Reteno:

@@ -7,6 +7,16 @@ them to the delivery engine. The engine's reports arrive on one queue; the track
 the one writer (worker.dlq.writer), and a batch is done, so its offsets may be stored, only after a
 2xx or an acknowledged dead letter. While too many items are outstanding (a slow or down
 destination) it refuses batches, and the loop pauses its partitions.
+
+One bad event never stops the sink: whatever decoding or the destination's `map_event` raises for
+it (not only Skip and Unmappable) dead-letters that event `invalid`, with the exception as the
+reason, and the batch goes on.
+
+Items the engine holds back for a throttled user are outstanding but do not count towards the
+buffer that pauses every partition (the engine's `HoldReport` says how many, bounded per user and
+in all by SINK_MAX_HELD_PER_USER and SINK_MAX_HELD_EVENTS), so one throttled heavy user does not
+stall the others, and memory stays bounded by SINK_MAX_BUFFERED_EVENTS + SINK_MAX_HELD_EVENTS items
+plus one consumed batch.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from confluent_kafka import KafkaError, Message
 from worker import logs, metrics
 from worker.avro_codec import EventCodec, UnknownSchema
 from worker.config import Config
-from worker.destinations.base import Destination, Skip, Unmappable
+from worker.destinations.base import Destination, Item, Skip, Unmappable
 from worker.dlq.headers import Kind
 from worker.dlq.writer import DeadLetterWriter
 from worker.health import HEALTH
@@ -29,8 +39,8 @@ from worker.kafka.consumer_loop import Backpressure, ConsumerLoop
 from worker.kafka.offsets import Batch, TopicPartitionKey
 from worker.kafka.producer import ProducerFatal
 from worker.names import Names, sink_role
-from worker.sink.delivery import DeliveryEngine, Pending
-from worker.sink.reports import CircuitReport, Failed, ItemReport, Report
+from worker.sink.delivery import DeliveryEngine, EngineReport, HoldReport, Pending
+from worker.sink.reports import CircuitReport, Failed, ItemReport
 from worker.sink.settings import SinkSettings
 from worker.sink.tracker import OpenMessage, SinkTracker
 
@@ -46,19 +56,25 @@ class SinkStrategy:
         self.producer = clients.producer()
         self.dead_letters = DeadLetterWriter(self.producer, names.dlq(self.name), self.name)
         self.tracker = SinkTracker()
-        self.reports: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self.reports: queue.SimpleQueue[EngineReport] = queue.SimpleQueue()
         self.engine = DeliveryEngine(destination, sink, self.reports.put)
         self.engine.start()
-        self.outstanding = 0  # items handed to the engine and not yet reported
+        self.outstanding = 0  # items handed to the engine and not yet reported ...
+        self.held = 0  # ... of which this many are held for throttled users (outside the shared buffer)
         self.dead_letters_in_flight = 0
         self.failure: str | None = None
 
     # -- intake -----------------------------------------------------------------------------------
 
+    @property
+    def buffered(self) -> int:
+        """Outstanding items that count towards SINK_MAX_BUFFERED_EVENTS: all but the held ones."""
+        return self.outstanding - self.held
+
     def submit(self, batch: Batch) -> None:
-        if self.outstanding >= self.max_buffered:
+        if self.buffered >= self.max_buffered:
             self.poll()
-            if self.outstanding >= self.max_buffered:
+            if self.buffered >= self.max_buffered:
                 raise Backpressure
         work: list[Pending] = []
         for entry in self.tracker.open(batch):
@@ -73,6 +89,14 @@ class SinkStrategy:
                 continue
             except Unmappable as unmappable:
                 self.tracker.fail(entry, Failed(Kind.INVALID, unmappable.reason, 0))
+                self._finish(entry)
+                continue
+            except Exception as exc:  # a mapping bug, or input it did not foresee: this event alone fails
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "event could not be mapped", destination=self.name, reason=reason[:300], offset=message.offset()
+                )
+                self.tracker.fail(entry, Failed(Kind.INVALID, reason, 0))
                 self._finish(entry)
                 continue
             # An item's size for the request byte limit: the whole event's record length, an upper
@@ -94,7 +118,13 @@ class SinkStrategy:
             event, _extra = self.codec.decode(value)
         except (UnknownSchema, ValueError, IndexError, UnicodeDecodeError) as exc:
             raise Unmappable(f"cannot decode the record: {exc}") from None
-        return self.destination.map_event(event)
+        items = self.destination.map_event(event)
+        endpoints = self.destination.endpoints
+        if not isinstance(items, list) or not all(
+            isinstance(item, Item) and item.endpoint in endpoints for item in items
+        ):
+            raise TypeError(f"{self.name}.map_event returned {str(items)[:200]}, not a list of Items for its endpoints")
+        return items
 
     # -- reports from the engine ----------------------------------------------------------------
 
@@ -110,6 +140,9 @@ class SinkStrategy:
                 break
             if isinstance(report, CircuitReport):
                 self._on_circuit(report)
+                continue
+            if isinstance(report, HoldReport):
+                self.held = report.held
                 continue
             assert isinstance(report, ItemReport)
             self.outstanding -= 1

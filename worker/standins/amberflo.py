@@ -54,7 +54,7 @@ async def _guarded(request: web.Request, state: StandinState, api_key: str, hand
     if failure is not None:
         status, body, headers = failure
         return status, {"message": body.get("error", "error")}, headers
-    if request.headers.get("X-API-KEY") != api_key:
+    if request.headers.get("X-API-KEY") != api_key or state.faults.reject_key:
         return 401, {"message": "Unauthorized"}, {}
     raw = await request.read()
     if len(raw) > MAX_BODY_BYTES:

@@ -62,7 +62,7 @@ def _upload(
     for field in ("api_key", "events"):
         if not payload.get(field):
             return 400, {"code": 400, "error": "Request missing required field", "missing_field": field}, {}
-    if payload["api_key"] != api_key:
+    if payload["api_key"] != api_key or state.faults.reject_key:
         return 400, {"code": 400, "error": f"Invalid API key: {payload['api_key']}"}, {}
     events = payload["events"]
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):

@@ -39,6 +39,8 @@ EVENT_IDENTIFIERS = ("email_id", "ext_id", "phone_id", "contact_id", "whatsapp_i
 EVENT_PROPERTIES_MAX = 50 * 1024
 RATE_LIMIT = 10  # POST /v3/events, general tier: 10 requests per second
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+# Brevo's error codes for the statuses a fault can inject (other statuses: internal_error).
+_ERROR_CODES = {401: "unauthorized", 403: "permission_denied"}
 
 
 class BrevoApiError(Exception):
@@ -100,7 +102,7 @@ async def _serve(
     failure = await state.injected_failure()
     if failure is not None:
         return _injected(state, *failure)
-    if request.headers.get(API_KEY_HEADER) != api_key:
+    if request.headers.get(API_KEY_HEADER) != api_key or state.faults.reject_key:
         return _respond(state, 401, {"code": "unauthorized", "message": "Key not found"})
     try:
         return await accept(_parse_object(await request.read()))
@@ -119,7 +121,7 @@ def _injected(state: StandinState, status: int, body: dict[str, Any], headers: d
         }
         return _respond(state, 429, {"code": "too_many_requests", "message": "Too many requests"}, sib_headers)
     message = str(next(iter(body.values()), "error"))
-    return _respond(state, status, {"code": "internal_error", "message": message}, headers)
+    return _respond(state, status, {"code": _ERROR_CODES.get(status, "internal_error"), "message": message}, headers)
 
 
 def _respond(

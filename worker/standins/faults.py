@@ -15,6 +15,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# The generic error text of a status storm (each stand-in puts it in its API's error shape).
+STORM_ERRORS = {
+    401: "unauthorized",
+    403: "forbidden",
+    429: "too many requests",
+    500: "internal server error",
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+}
+
 
 @dataclass
 class Faults:
@@ -26,6 +37,12 @@ class Faults:
     throttled_users: list[str] = field(default_factory=list)  # per-user throttling (Amplitude 429 body)
     poison_ids: list[str] = field(default_factory=list)  # dedupe ids the API rejects as invalid
     down: bool = False  # every request gets 503 (an outage)
+    # Every request gets this status until the faults are reset (a 429 storm, a 401 storm ...), in
+    # the stand-in API's own error shape; a 429 or 503 carries `retry_after` as its API says it.
+    status_storm: int = 0
+    # The stand-in refuses every key as its API refuses a wrong one (a revoked key): Amplitude's 400
+    # "Invalid API key", 401 for the others.
+    reject_key: bool = False
     seed: int = 0
 
     @classmethod
@@ -75,6 +92,10 @@ class StandinState:
         f = self.faults
         if f.down:
             return 503, {"error": "service unavailable"}, {}
+        if f.status_storm:
+            status = f.status_storm
+            headers = {"Retry-After": f"{f.retry_after:g}"} if status in (429, 503) else {}
+            return status, {"error": STORM_ERRORS.get(status, f"HTTP {status}")}, headers
         if f.throttle_requests > 0:
             f.throttle_requests -= 1
             return 429, {"error": "too many requests"}, {"Retry-After": f"{f.retry_after:g}"}

@@ -107,7 +107,7 @@ async def _serve(
     if failure is not None:
         status, body, headers = failure
         return _respond(state, status, {"message": next(iter(body.values()), "error")}, headers)
-    if request.headers.get(ACCESS_KEY_HEADER) != api_key:
+    if request.headers.get(ACCESS_KEY_HEADER) != api_key or state.faults.reject_key:
         return _respond(state, 401, {"message": "Unauthorized: invalid or missing access key"})
     raw = await request.read()
     try:
