@@ -32,6 +32,7 @@ from worker.avro_codec import EventCodec, UnknownSchema
 from worker.config import Config
 from worker.destinations.base import Destination, Item, Skip, Unmappable
 from worker.dlq.headers import Kind
+from worker.dlq.settings import DlqSettings
 from worker.dlq.writer import DeadLetterWriter
 from worker.health import HEALTH
 from worker.kafka.clients import KafkaClients
@@ -48,13 +49,20 @@ log = logs.get(__name__)
 
 
 class SinkStrategy:
-    def __init__(self, clients: KafkaClients, names: Names, sink: SinkSettings, destination: Destination) -> None:
+    def __init__(
+        self,
+        clients: KafkaClients,
+        names: Names,
+        sink: SinkSettings,
+        destination: Destination,
+        dlq: DlqSettings | None = None,
+    ) -> None:
         self.destination = destination
         self.name = destination.name
         self.max_buffered = sink.max_buffered_events
         self.codec = EventCodec()
         self.producer = clients.producer()
-        self.dead_letters = DeadLetterWriter(self.producer, names.dlq(self.name), self.name)
+        self.dead_letters = DeadLetterWriter(self.producer, names.dlq(self.name), self.name, dlq)
         self.tracker = SinkTracker()
         self.reports: queue.SimpleQueue[EngineReport] = queue.SimpleQueue()
         self.engine = DeliveryEngine(destination, sink, self.reports.put)
@@ -160,6 +168,7 @@ class SinkStrategy:
         """All of a message's items are reported: dead-letter it if any failed, then complete it."""
         failure = entry.failure
         if failure is None:
+            self.dead_letters.note_success()
             self.tracker.complete(entry)
             return
         self.dead_letters_in_flight += 1
@@ -210,7 +219,7 @@ def build(config: Config, destination_name: str) -> ConsumerLoop:
     """The sink for `destination_name`, configured from `config`; raises ConfigError on bad settings."""
     sink = config.sink()
     destination = config.destination(destination_name)
-    strategy = SinkStrategy(config.kafka, config.names, sink, destination)
+    strategy = SinkStrategy(config.kafka, config.names, sink, destination, config.dlq())
     return ConsumerLoop(
         config.kafka,
         sink_role(destination_name),
