@@ -53,13 +53,13 @@ from worker.destinations.base import (
     Verdict,
     classify_status,
     encoded_item,
+    event_millis,
     finite_number,
     item_json,
     object_field,
     text_of,
 )
 from worker.segment.event import SegmentEvent
-from worker.segment.timestamps import InvalidTimestamp, millis_of
 
 INGEST_ENDPOINT = "ingest"
 CUSTOMERS_ENDPOINT = "customers"
@@ -170,7 +170,7 @@ def _record(event: SegmentEvent, meter: str, value: float, dimensions: dict[str,
         "customerId": _customer_id(event),
         "meterApiName": meter,
         "meterValue": value,
-        "meterTimeInMillis": _time(event),
+        "meterTimeInMillis": event_millis(event),
     }
     if dimensions:
         record["dimensions"] = dimensions
@@ -214,15 +214,6 @@ def _customer_id(event: SegmentEvent) -> str:
     if not customer_id:
         raise Unmappable("neither userId nor anonymousId")
     return text_of(customer_id)
-
-
-def _time(event: SegmentEvent) -> int:
-    try:
-        return millis_of(event.get("timestamp", ""))
-    except InvalidTimestamp as exc:
-        raise Unmappable(f"timestamp: {exc}") from None
-    except (ValueError, OverflowError, TypeError) as exc:  # a date outside what datetime can represent
-        raise Unmappable(f"timestamp: {type(exc).__name__}: {exc}") from None
 
 
 def _meter_value(value: object) -> float:

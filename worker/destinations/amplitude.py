@@ -53,6 +53,7 @@ from worker.destinations.base import (
     as_object,
     classify_status,
     encoded_item,
+    event_millis,
     finite_number,
     int64,
     item_json,
@@ -61,7 +62,6 @@ from worker.destinations.base import (
     text_of,
 )
 from worker.segment.event import SegmentEvent
-from worker.segment.timestamps import InvalidTimestamp, millis_of
 
 EVENTS_ENDPOINT = "events"
 MAX_EVENTS_PER_REQUEST = 1000
@@ -212,7 +212,7 @@ class AmplitudeDestination:
         if device_id:
             payload["device_id"] = text_of(device_id)
         payload["event_type"] = event_type
-        payload["time"] = _event_time(event)
+        payload["time"] = event_millis(event)
         payload["insert_id"] = _message_id(event)
         platform = _platform(context)
         if platform:
@@ -386,15 +386,6 @@ def _message_id(event: SegmentEvent) -> str:
     if not message_id:
         raise Unmappable("missing messageId (the insert_id)")
     return text_of(message_id)
-
-
-def _event_time(event: SegmentEvent) -> int:
-    try:
-        return millis_of(event.get("timestamp", ""))
-    except InvalidTimestamp as exc:
-        raise Unmappable(f"timestamp: {exc}") from None
-    except (ValueError, OverflowError, TypeError) as exc:  # a date outside what datetime can represent
-        raise Unmappable(f"timestamp: {type(exc).__name__}: {exc}") from None
 
 
 def _user_traits(event: SegmentEvent) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from worker.segment.event import SegmentEvent
+from worker.segment.timestamps import InvalidTimestamp, millis_of
 
 
 class Skip(Exception):
@@ -294,3 +295,13 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
             if key.lower() == lowered:
                 return candidate
     return value
+
+
+def event_millis(event: SegmentEvent) -> int:
+    """The event's `timestamp` in epoch milliseconds, or Unmappable saying why not."""
+    try:
+        return millis_of(event.get("timestamp", ""))
+    except InvalidTimestamp as exc:
+        raise Unmappable(f"timestamp: {exc}") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # a date outside what datetime can represent
+        raise Unmappable(f"timestamp: {type(exc).__name__}: {exc}") from None
