@@ -13,7 +13,10 @@ what is measured; every SINK_* setting is the default. Amberflo is run too, for 
 broker, then on Apache Kafka, in one invocation, and ends with one summary line per broker.
 
     .venv/bin/python bench/sink_throughput.py [--events 100000] [--destinations amplitude,amberflo]
-        [--broker embedded|apache-kafka|both]
+        [--broker embedded|apache-kafka|both] [--compare-order]
+
+`--compare-order` runs each sink a second time with SINK_PER_USER_ORDER=false on the same backlog
+(a fresh consumer group, the stand-in reset) and prints what per-user order costs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers, this script's neighbour
 
-from brokers import PREFIX, add_broker_option, bench_config, broker_kinds, describe, start_broker
+from brokers import GROUP_PREFIX, PREFIX, add_broker_option, bench_config, broker_kinds, describe, start_broker
 
 from worker.config import Config
 from worker.destinations import registry
@@ -202,10 +205,27 @@ def measure(
 
 
 def run_destination(
-    config: Config, destination: str, standins: StandinServer, broker_pid: int, args: argparse.Namespace, log_dir: Path
+    config: Config,
+    destination: str,
+    standins: StandinServer,
+    broker_pid: int,
+    args: argparse.Namespace,
+    log_dir: Path,
+    per_user_order: bool = True,
 ) -> Run:
-    # The rate limit is lifted so the sink's own throughput is what is measured.
-    sink = start_sink(config, destination, standins, log_dir, AMPLITUDE_EVENTS_PER_SECOND="100000000")
+    # The rate limit is lifted so the sink's own throughput is what is measured. Each run reads the
+    # backlog from the start in a consumer group of its own, into a stand-in that forgot the last one.
+    standins.call("POST", f"/_standin/{destination}/reset", {})
+    mode = "ordered" if per_user_order else "unordered"
+    sink = start_sink(
+        config,
+        destination,
+        standins,
+        log_dir,
+        AMPLITUDE_EVENTS_PER_SECOND="100000000",
+        SINK_PER_USER_ORDER=str(per_user_order).lower(),
+        CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}-",
+    )
     try:
         watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
         return measure(standins, destination, args.events, sink, watched, args.timeout)
@@ -244,6 +264,15 @@ def run_broker(
         for destination in destinations:
             runs[destination] = run_destination(config, destination, standins, broker.process.pid, args, log_dir)
             report(destination, runs[destination], args.events)
+            if args.compare_order:
+                unordered = run_destination(
+                    config, destination, standins, broker.process.pid, args, log_dir, per_user_order=False
+                )
+                report(f"{destination} (SINK_PER_USER_ORDER=false)", unordered, args.events)
+                print(
+                    f"  per-user order costs {1 - runs[destination].rate / unordered.rate:+.0%} of the unordered "
+                    f"rate ({runs[destination].rate:,.0f} vs {unordered.rate:,.0f} events/s, same backlog, same run)"
+                )
     finally:
         standins.role.terminate()
     return runs
@@ -256,6 +285,11 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--destinations", default="amplitude,amberflo")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per destination before giving up")
+    parser.add_argument(
+        "--compare-order",
+        action="store_true",
+        help="also run each sink with SINK_PER_USER_ORDER=false, and print what the ordering costs",
+    )
     add_broker_option(parser)
     args = parser.parse_args()
     destinations = [d.strip() for d in args.destinations.split(",") if d.strip()]

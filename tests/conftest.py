@@ -33,7 +33,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Unit tests that merely need a broker to hold messages run on the first broker chosen;
         # the integration suite, and unit modules about broker behaviour (BOTH_BROKERS = True),
         # run on each.
+        # An integration module whose subject does not depend on the broker says so with
+        # FIRST_BROKER_ONLY = True.
         on_each = "integration" in metafunc.definition.nodeid.split("::")[0].split("/")
+        on_each = on_each and not getattr(metafunc.module, "FIRST_BROKER_ONLY", False)
         if not on_each and not getattr(metafunc.module, "BOTH_BROKERS", False):
             kinds = kinds[:1]
         metafunc.parametrize("broker_kind", kinds, scope="session")

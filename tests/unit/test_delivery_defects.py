@@ -765,7 +765,7 @@ def test_held_items_beyond_the_per_user_cap_count_towards_the_buffer_again(stand
 
 
 def test_the_engine_reports_how_many_items_it_holds_for_throttled_users(scripted, engine):
-    from worker.sink.delivery import HoldReport
+    from worker.sink.reports import HoldReport
 
     server = scripted(
         lambda n, _e: (429, {"throttled_users": ["u1"]}, {"Retry-After": "0.3"}) if n == 0 else (200, {}, {})

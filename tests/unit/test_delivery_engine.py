@@ -5,13 +5,12 @@ Destination protocol): one JSON endpoint of up to 10 items a request, classified
 HTTP rule plus two per-item rules modelled on Amplitude's (a 400 naming bad items, a 429 naming
 throttled users). The server runs on a thread of its own with its own event loop; the engine runs
 its own loop on its own thread. Every test checks that each submitted item got exactly one report.
-The xfail(strict) test at the end pins a defect in worker/sink/delivery.py (per-user order, the
-ordering issue's work); it passes once the defect is fixed (then drop the marker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import Counter
@@ -497,11 +496,6 @@ def test_stop_right_after_a_submit_returns(serve):
         assert not running._thread.is_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the engine sends a user's next item while that user's previous request is in flight "
-    "(docs/ARCHITECTURE.md, 'Per-user order is a goal': the rule is not implemented in worker/sink/delivery.py)",
-)
 def test_a_users_next_item_waits_while_that_users_request_is_in_flight(serve, engine):
     # One item a request (like Amberflo customers, Reteno contacts), the default concurrency of 8:
     # the destination keeps the last write, so u1's second update must not overtake its first.
@@ -513,3 +507,136 @@ def test_a_users_next_item_waits_while_that_users_request_is_in_flight(serve, en
     assert (first.ids, second.ids) == (["id-0"], ["id-1"])
     assert second.at >= first.answered, "u1's second item was sent while its first request was in flight"
     stop_and_check_one_report_each(running, reports, range(2))
+
+
+# -- per-user order (SINK_PER_USER_ORDER, on by default) ------------------------------------------
+
+
+def accepted_in_order(server: ScriptedServer) -> list[int]:
+    """The item numbers the server accepted (2xx), in the order it received them."""
+    return [int(i.removeprefix("id-")) for i in server.accepted_ids()]
+
+
+def inversions_per_user(accepted: list[int], users: Sequence[str]) -> dict[str, int]:
+    """For each user, how many accepted items arrived after an item of theirs submitted later."""
+    found: dict[str, int] = {}
+    latest: dict[str, int] = {}
+    for n in accepted:
+        user = users[n % len(users)]
+        if n < latest.get(user, -1):
+            found[user] = found.get(user, 0) + 1
+        latest[user] = max(latest.get(user, -1), n)
+    return found
+
+
+def flaky(rate: float, seed: int) -> Callable[[int, list[dict[str, Any]]], Answer]:
+    """Answers 500 to a seeded `rate` of requests, 200 to the others, after a random short delay (so
+    requests overtake each other if the engine lets them)."""
+    import random
+
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def answer(_number: int, _events: list[dict[str, Any]]) -> Answer:
+        with lock:
+            failing, delay = rng.random() < rate, rng.uniform(0.0, 0.02)
+        return (500, {"error": "flaky"}, {}, delay) if failing else (200, {"code": 200}, {}, delay)
+
+    return answer
+
+
+@pytest.mark.parametrize("max_items", [1, 10], ids=["one-item-requests", "batched-requests"])
+def test_a_third_of_requests_failing_delivers_each_users_items_in_order(serve, engine, max_items):
+    users = ("u1", "u2", "u3", "u4", "u5")
+    server = serve(flaky(1 / 3, seed=max_items))
+    settings = SinkSettings(**{**FAST, "concurrency": 8, "max_attempts": 50})
+    running, reports = engine(url(server), settings, max_items=max_items)
+    for start in range(0, 300, 20):  # submitted in consumed-batch sized pieces, as the sink does
+        running.submit(items(20, users=users, start=start))
+    reports.wait(300, timeout=60)
+    assert all(isinstance(r.outcome, Delivered) for r in reports.items())
+    accepted = accepted_in_order(server)
+    assert len(set(accepted)) == 300
+    assert sum(1 for r in server.requests() if r.status == 500) > 10  # the failures did happen
+    assert inversions_per_user(accepted, users) == {}
+    assert [n for n in accepted if n % 5 == 0][-1] == 295  # u1's latest write landed last
+    stop_and_check_one_report_each(running, reports, range(300))
+
+
+def test_without_per_user_order_retries_overtake(serve, engine):
+    # The rule is what keeps the order above: turned off, the same failures invert some items.
+    users = ("u1", "u2", "u3", "u4", "u5")
+    server = serve(flaky(1 / 3, seed=1))
+    settings = SinkSettings(**{**FAST, "concurrency": 8, "max_attempts": 50, "per_user_order": False})
+    running, reports = engine(url(server), settings, max_items=1)
+    for start in range(0, 300, 20):
+        running.submit(items(20, users=users, start=start))
+    reports.wait(300, timeout=60)
+    assert inversions_per_user(accepted_in_order(server), users) != {}
+    stop_and_check_one_report_each(running, reports, range(300))
+
+
+def test_a_user_waiting_for_a_retry_holds_up_only_that_user(serve, engine):
+    # u1's first request is refused with Retry-After 1 s; u2's items go meanwhile, u1's wait.
+    def answer(number: int, events: list[dict[str, Any]]) -> Answer:
+        if number == 0:
+            return 503, {"error": "busy"}, {"Retry-After": "1"}
+        return 200, {"code": 200}, {}
+
+    server = serve(answer)
+    settings = SinkSettings(**{**FAST, "backoff_max": 2.0})
+    running, reports = engine(url(server), settings, max_items=1)
+    running.submit(items(1, users=("u1",)))
+    wait_for(lambda: len(server.requests()) == 1, 5, "u1's first request")
+    started = time.monotonic()
+    running.submit([*items(3, users=("u1",), start=1), *items(3, users=("u2",), start=10)])
+    reports.wait(7, timeout=10)
+    u2_done = max(reports.time_of(n) for n in range(10, 13))
+    assert u2_done - started < 0.8, "u2 waited for u1's retry"
+    assert min(reports.time_of(n) for n in range(1, 4)) > reports.time_of(0)  # u1's later ones after it
+    assert accepted_in_order(server)[-4:] == [0, 1, 2, 3]
+    stop_and_check_one_report_each(running, reports, [0, 1, 2, 3, 10, 11, 12])
+
+
+def test_a_user_is_never_in_two_requests_at_once(serve, engine):
+    # Three items a request, eight requests allowed at once, two users: each user's requests still
+    # go one after the other (each starts after the previous one was answered).
+    server = serve(lambda _n, _e: (200, {"code": 200}, {}, 0.01))
+    running, reports = engine(url(server), SinkSettings(**{**FAST, "concurrency": 8}), max_items=3)
+    running.submit(items(60, users=("u1", "u2")))
+    reports.wait(60)
+    requests = server.requests()
+    for user in (0, 1):
+        mine = [r for r in requests if any(int(i.removeprefix("id-")) % 2 == user for i in r.ids)]
+        assert len(mine) >= 10
+        for before, after in itertools.pairwise(mine):
+            assert after.at >= before.answered, f"user {user}'s requests overlapped"
+    stop_and_check_one_report_each(running, reports, range(60))
+
+
+def test_withdraw_waits_for_the_request_under_way_and_never_retries_it(serve, engine):
+    # The request is refused (500) after 0.3 s; withdrawn meanwhile, the item is reported withdrawn
+    # once the request ends, and no second request is ever made for it.
+    server = serve(lambda _n, _e: (500, {"error": "down"}, {}, 0.3))
+    running, reports = engine(url(server), SinkSettings(**{**FAST, "concurrency": 2}), max_items=1)
+    running.submit(items(1))
+    wait_for(lambda: len(server.requests()) == 1, 5, "the first request")
+    started = time.monotonic()
+    assert running.withdraw(lambda _owner: True) == 0  # nothing left under way when it returned
+    assert 0.1 < time.monotonic() - started < 2.0  # it waited for the answer, and no longer
+    assert isinstance(reports.outcome(0), Withdrawn)
+    time.sleep(0.3)
+    assert len(server.requests()) == 1, "a withdrawn item was tried again"
+    stop_and_check_one_report_each(running, reports, [0])
+
+
+def test_withdraw_gives_up_waiting_after_its_limit(serve, engine):
+    server = serve(lambda _n, _e: (200, {"code": 200}, {}, 1.5))
+    running, reports = engine(url(server), SinkSettings(**{**FAST, "request_timeout": 5.0}), max_items=1)
+    running.submit(items(1))
+    wait_for(lambda: len(server.requests()) == 1, 5, "the request")
+    started = time.monotonic()
+    assert running.withdraw(lambda _owner: True, wait=0.2) == 1  # still under way, abandoned
+    assert time.monotonic() - started < 1.0
+    reports.wait(1, timeout=5)  # its answer still comes, and is reported once
+    stop_and_check_one_report_each(running, reports, [0])

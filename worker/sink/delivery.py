@@ -12,6 +12,17 @@ It runs an asyncio loop on its own thread (aiohttp) and, per destination endpoin
   dead-lettered as `permanent`. An item the destination cannot `encode` is dead-lettered
   `invalid` alone: its batch-mates are encoded and sent without it.
 
+Per-user order (`per_user_order`, on by default): each user's unsettled items form a lane. A lane
+releases one run at a time (its head and the next items for the same endpoint, as many as one
+request takes) and nothing more until that run's request has ended; items that come back from it
+(to retry, or throttled) return to the front of the lane, which then waits until they are due. So
+a user is never in two requests at once, a later item never overtakes an earlier one being
+retried, and other users' lanes are not held up. Items of nobody (no `user`) go alone, unordered.
+
+Revoke (`withdraw`): queued items of the revoked owners are reported `Withdrawn` at once; those in a
+request under way are marked so that whatever the answer they are never tried again, and
+`withdraw` waits for those requests (at most the request timeout) before it returns.
+
 The circuit: a response that refuses every item of its request as transient (5xx, timeouts and
 connection errors, and also 401/403/429 or any other answer whose every item is RETRY, i.e. no
 per-user detail) is a failure of the destination for everyone; `circuit_open_after` of those in a
@@ -32,11 +43,12 @@ nor already queued again. Reports go through `report(ItemReport)` on the engine'
 state is reported through the same callable as a `CircuitReport`, and a change in how many items
 are held for throttled users as a `HoldReport`.
 
-Items held for a throttled user are counted apart (`HoldReport.held`), so the caller can leave them
-out of the shared buffer that pauses every partition: one heavy throttled user does not stall the
-others. The credit is bounded: at most `max_held_per_user` items of one user and `max_held_events`
-in all count as held; beyond that they count towards the shared buffer again, so the caller's
-memory stays bounded by its buffer plus `max_held_events`.
+Items waiting in a held lane (a retry's backoff or a throttle) are counted apart
+(`HoldReport.held`), so the caller can leave them out of the shared buffer that pauses every
+partition: one slow heavy user does not stall the others. The credit is bounded: at most
+`max_held_per_user` items of one user and `max_held_events` in all count as held; beyond that they
+count towards the shared buffer again, so the caller's memory stays bounded by its buffer plus
+`max_held_events`.
 """
 
 from __future__ import annotations
@@ -58,7 +70,7 @@ from worker import logs, metrics
 from worker.destinations.base import Destination, Endpoint, Item, ItemResult, Outcome, Request, Verdict
 from worker.dlq.headers import Kind
 from worker.sink.ratelimit import TokenBucket
-from worker.sink.reports import DELIVERED, CircuitReport, Failed, ItemOutcome, ItemReport, Report, Withdrawn
+from worker.sink.reports import DELIVERED, CircuitReport, Failed, HoldReport, ItemOutcome, ItemReport, Report, Withdrawn
 from worker.sink.settings import SinkSettings
 
 log = logs.get(__name__)
@@ -86,28 +98,35 @@ class Pending:
     http_status: int | None = None
     settled: bool = False  # reported: it is never reported, retried or queued again
     sending: bool = False  # in a request under way (not queued anywhere): what an internal error retries
+    revoked: bool = False  # its partition was revoked while it was in a request: it is never tried again
+    order: int = 0  # when it was submitted: one user's items go out in this order
 
 
-@dataclass(frozen=True, slots=True)
-class HoldReport:
-    """How many items held for throttled users count apart from the shared buffer (see the module
-    docstring): the caller's backpressure leaves these out. Sent whenever the number changes."""
-
-    held: int
+ReportSink = Callable[[Report], None]
 
 
-EngineReport = Report | HoldReport
-ReportSink = Callable[[EngineReport], None]
+class _Lane:
+    """One user's unsettled items: sent in submission order, in at most one request at a time.
 
+    `waiting` holds the items not yet released to a request; `busy` says one of its runs is queued
+    for a request or in one; `until` is when its head may go again (a retry's backoff, or a throttle
+    hold); `returned` gathers, during the request under way, the items that came back from it (to be
+    retried, or not sent because an earlier one of the same user came back), to go back in front of
+    `waiting` when that request ends. `credit` is how many of its items count as held (see `_recredit`).
+    """
 
-class _Hold:
-    """A throttled user's items, in order, and when the user may be sent to again."""
+    __slots__ = ("busy", "credit", "queued", "queued_size", "returned", "until", "waiting")
 
-    __slots__ = ("items", "until")
-
-    def __init__(self, until: float) -> None:
-        self.until = until
-        self.items: deque[Pending] = deque()
+    def __init__(self) -> None:
+        self.waiting: deque[Pending] = deque()
+        self.returned: list[Pending] = []
+        self.busy = False
+        self.until = 0.0
+        self.credit = 0
+        # Its run while it waits in a ready queue (not yet in a request): later items join it there,
+        # so a busy sink sends fuller runs of fewer users per request, and more requests at once.
+        self.queued: list[Pending] | None = None
+        self.queued_size = 0
 
 
 class DeliveryEngine:
@@ -120,12 +139,17 @@ class DeliveryEngine:
         self._circuit_was_open = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"delivery-{self.name}", daemon=True)
-        self._ready: dict[str, deque[Pending]] = {name: deque() for name in destination.endpoints}
-        self._delayed: list[tuple[float, int, Pending]] = []
-        self._held: dict[str, _Hold] = {}  # throttled user -> their items
-        self._held_credit = 0  # sum over held users of min(their items, max_held_per_user)
+        # Per endpoint, the runs ready for a request: one user's consecutive items, or one item of nobody.
+        self._ready: dict[str, deque[list[Pending]]] = {name: deque() for name in destination.endpoints}
+        self._ready_items: dict[str, int] = dict.fromkeys(destination.endpoints, 0)
+        self._delayed: list[tuple[float, int, Pending]] = []  # retries of items of nobody, by due time
+        self._lanes: dict[str, _Lane] = {}  # user -> their unsettled items
+        self._wakes: list[tuple[float, int, str]] = []  # (when, _, user): a lane's `until` passes
+        self._in_flight: set[Pending] = set()
+        self._held_credit = 0  # sum of the lanes' credits
         self._held_reported = 0
         self._sequence = itertools.count()
+        self._order = itertools.count()
         self._active = 0
         # Requests in a row that were refused for everyone: the destination's "circuit" is open past a threshold.
         self.consecutive_failures = 0
@@ -150,9 +174,19 @@ class DeliveryEngine:
         if items:
             self._loop.call_soon_threadsafe(self._enqueue, list(items))
 
-    def withdraw(self, owned: Callable[[Any], bool]) -> None:
-        """Withdraw every queued item whose owner matches; requests already sent still report."""
-        self._loop.call_soon_threadsafe(self._withdraw, owned)
+    def withdraw(self, owned: Callable[[Any], bool], wait: float | None = None) -> int:
+        """Withdraw every item whose owner matches (its partition was revoked): queued ones at once;
+        those in a request under way are never tried again, and this waits up to `wait` seconds
+        (default: the request timeout, which bounds any request) for those requests to end.
+        Returns how many of them were still under way when it stopped waiting."""
+        if not self._thread.is_alive():
+            return 0
+        wait = self.settings.request_timeout if wait is None else wait
+        future = asyncio.run_coroutine_threadsafe(self._withdraw(owned, wait), self._loop)
+        try:
+            return future.result(wait + 5.0)
+        except TimeoutError:
+            return -1
 
     def stop(self, timeout: float = 5.0) -> None:
         if not self._thread.is_alive():
@@ -178,36 +212,88 @@ class DeliveryEngine:
         if self._session is not None:
             await self._session.close()
 
+    def _user(self, pending: Pending) -> str:
+        """The lane an item goes in; "" (none: it goes alone) for items of nobody, or with
+        SINK_PER_USER_ORDER off."""
+        return pending.item.user if self.settings.per_user_order else ""
+
     def _enqueue(self, items: list[Pending]) -> None:
         now = time.monotonic()
+        touched: dict[str, _Lane] = {}  # released after all are in: a run takes what came together
         for pending in items:
             try:
                 if pending.item.endpoint not in self._ready:
                     raise ValueError(f"{self.name} has no endpoint {pending.item.endpoint!r}")
                 pending.ready_at = now
-                self._route(pending)
+                pending.order = next(self._order)
+                user = self._user(pending)
+                if not user:
+                    self._queue_alone(pending)
+                    continue
+                lane = self._lanes.get(user)
+                if lane is None:
+                    lane = self._lanes[user] = _Lane()
+                if not lane.waiting and self._joins_queued_run(lane, pending):
+                    continue
+                lane.waiting.append(pending)
+                touched[user] = lane
             except Exception as exc:  # a malformed item fails alone; the others are queued
                 self._dead(pending, Kind.INVALID, f"{type(exc).__name__}: {exc}", None)
+        for user, lane in touched.items():
+            self._recredit(lane, now)
+            self._release(user, lane, now)
         self._report_held()
         self._poke()
 
-    def _route(self, pending: Pending) -> None:
-        user = pending.item.user
-        hold = self._held.get(user) if user else None
-        if hold is not None:
-            self._hold(hold, pending)  # keep a throttled user's items together, in order
-        else:
-            self._ready[pending.item.endpoint].append(pending)
+    def _joins_queued_run(self, lane: _Lane, pending: Pending) -> bool:
+        """Add `pending` to the end of its lane's run still waiting in a ready queue, if it fits."""
+        run = lane.queued
+        if run is None or run[0].item.endpoint != pending.item.endpoint:
+            return False
+        endpoint = self.destination.endpoints[pending.item.endpoint]
+        if len(run) >= endpoint.max_items or lane.queued_size + pending.size + 1 > endpoint.max_bytes:
+            return False
+        run.append(pending)
+        lane.queued_size += pending.size + 1
+        self._ready_items[pending.item.endpoint] += 1
+        return True
 
-    def _hold(self, hold: _Hold, pending: Pending) -> None:
-        if len(hold.items) < self.settings.max_held_per_user:
-            self._held_credit += 1
-        hold.items.append(pending)
+    def _queue_alone(self, pending: Pending) -> None:
+        name = pending.item.endpoint
+        self._ready[name].append([pending])
+        self._ready_items[name] += 1
 
-    def _unhold(self, user: str) -> _Hold:
-        hold = self._held.pop(user)
-        self._held_credit -= min(len(hold.items), self.settings.max_held_per_user)
-        return hold
+    def _release(self, user: str, lane: _Lane, now: float) -> None:
+        """Queue the lane's next run for a request, if it may go: nothing of it is queued or in a
+        request, and its hold has passed. The run is the head and the items after it for the same
+        endpoint, as many as one request takes, so a user is never in two requests at once."""
+        if lane.busy or lane.until > now:
+            return
+        if not lane.waiting:
+            del self._lanes[user]
+            return
+        name = lane.waiting[0].item.endpoint
+        endpoint = self.destination.endpoints[name]
+        run: list[Pending] = []
+        size = 0
+        while lane.waiting and len(run) < endpoint.max_items:
+            pending = lane.waiting[0]
+            if pending.item.endpoint != name or (run and size + pending.size + 1 > endpoint.max_bytes):
+                break
+            run.append(lane.waiting.popleft())
+            size += pending.size + 1
+        lane.busy = True
+        lane.queued, lane.queued_size = run, size
+        self._recredit(lane, now)
+        self._ready[name].append(run)
+        self._ready_items[name] += len(run)
+
+    def _recredit(self, lane: _Lane, now: float) -> None:
+        """Items waiting in a lane that is held (a retry's backoff, a throttle) count apart from the
+        shared buffer, at most max_held_per_user of one user."""
+        credit = min(len(lane.waiting), self.settings.max_held_per_user) if lane.until > now else 0
+        self._held_credit += credit - lane.credit
+        lane.credit = credit
 
     def _report_held(self) -> None:
         held = min(self._held_credit, self.settings.max_held_events)
@@ -215,37 +301,59 @@ class DeliveryEngine:
             self._held_reported = held
             self.report(HoldReport(held))
 
-    def _withdraw(self, owned: Callable[[Any], bool]) -> None:
-        # Held items first, and the smaller hold count reported before their reports: the caller's
-        # buffer never looks emptier than it is.
-        withdrawn_held: list[Pending] = []
-        for user in list(self._held):
-            hold = self._unhold(user)
-            kept_hold = self._held[user] = _Hold(hold.until)
-            for pending in hold.items:
-                if owned(pending.owner):
-                    withdrawn_held.append(pending)
-                else:
-                    self._hold(kept_hold, pending)
-        self._report_held()
-        for pending in withdrawn_held:
-            self._settle(pending, REVOKED)
+    async def _withdraw(self, owned: Callable[[Any], bool], wait: float) -> int:
+        now = time.monotonic()
+        withdrawn: list[Pending] = []
+        freed: list[str] = []  # lanes whose queued run was withdrawn whole: free to release again
         for name, queue in self._ready.items():
-            kept: deque[Pending] = deque()
-            for pending in queue:
-                if owned(pending.owner):
-                    self._settle(pending, REVOKED)
-                else:
-                    kept.append(pending)
-            self._ready[name] = kept
+            kept_runs: deque[list[Pending]] = deque()
+            for run in queue:
+                kept = [pending for pending in run if not owned(pending.owner)]
+                withdrawn.extend(pending for pending in run if owned(pending.owner))
+                user = self._user(run[0])
+                lane = self._lanes.get(user) if user else None
+                if kept:
+                    kept_runs.append(kept)
+                    if lane is not None and lane.queued is run:
+                        lane.queued, lane.queued_size = kept, sum(pending.size + 1 for pending in kept)
+                elif lane is not None:
+                    lane.queued = None
+                    freed.append(user)
+            self._ready[name] = kept_runs
+            self._ready_items[name] = sum(len(run) for run in kept_runs)
+        for lane in self._lanes.values():
+            withdrawn.extend(pending for pending in (*lane.waiting, *lane.returned) if owned(pending.owner))
+            lane.waiting = deque(pending for pending in lane.waiting if not owned(pending.owner))
+            lane.returned = [pending for pending in lane.returned if not owned(pending.owner)]
+            self._recredit(lane, now)
+        for user in freed:
+            if (lane := self._lanes.get(user)) is not None:
+                lane.busy = False
+        for user, lane in list(self._lanes.items()):
+            self._release(user, lane, now)
         delayed = []
         for entry in self._delayed:
             if owned(entry[2].owner):
-                self._settle(entry[2], REVOKED)
+                withdrawn.append(entry[2])
             else:
                 delayed.append(entry)
         heapq.heapify(delayed)
         self._delayed = delayed
+        # The smaller hold count is reported before the withdrawn items: the caller's buffer never
+        # looks emptier than it is.
+        self._report_held()
+        for pending in withdrawn:
+            self._settle(pending, REVOKED)
+        under_way = [pending for pending in self._in_flight if owned(pending.owner)]
+        for pending in under_way:
+            pending.revoked = True
+        self._poke()
+        deadline = time.monotonic() + wait
+        while any(not pending.settled and pending.sending for pending in under_way):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        return sum(1 for pending in under_way if not pending.settled and pending.sending)
 
     def _poke(self) -> None:
         self._wake.set()
@@ -283,37 +391,58 @@ class DeliveryEngine:
         while self._delayed and self._delayed[0][0] <= now:
             pending = heapq.heappop(self._delayed)[2]
             pending.ready_at = now
-            self._route(pending)
-        released = False
-        for user, hold in list(self._held.items()):
-            if hold.until <= now:
-                released = True
-                for pending in self._unhold(user).items:
-                    pending.ready_at = now
-                    self._route(pending)
-        if released:
-            self._report_held()
+            self._queue_alone(pending)
+        while self._wakes and self._wakes[0][0] <= now:
+            user = heapq.heappop(self._wakes)[2]
+            lane = self._lanes.get(user)
+            if lane is not None and lane.until <= now:  # else gone, or held longer since (a later wake)
+                self._recredit(lane, now)
+                self._release(user, lane, now)
+        self._report_held()
         next_wake = now + 1.0
         for name, queue in self._ready.items():
             endpoint = self.destination.endpoints[name]
             while queue and self._active < self.settings.concurrency:
-                if len(queue) < endpoint.max_items and now - queue[0].ready_at < linger:
-                    next_wake = min(next_wake, queue[0].ready_at + linger)
+                if self._ready_items[name] < endpoint.max_items and now - queue[0][0].ready_at < linger:
+                    next_wake = min(next_wake, queue[0][0].ready_at + linger)
                     break
-                self._launch(endpoint, _take_group(queue, endpoint))
+                self._launch(endpoint, self._take_group(name, endpoint))
         if self._delayed:
             next_wake = min(next_wake, self._delayed[0][0])
-        for hold in self._held.values():
-            next_wake = min(next_wake, hold.until)
+        if self._wakes:
+            next_wake = min(next_wake, self._wakes[0][0])
         return next_wake
+
+    def _take_group(self, name: str, endpoint: Endpoint) -> list[Pending]:
+        """Whole runs from the front of the endpoint's queue, within its item and byte limits (the
+        first run always fits: `_release` made it so)."""
+        queue = self._ready[name]
+        group: list[Pending] = []
+        size = 0
+        while queue:
+            run = queue[0]
+            run_size = sum(pending.size + 1 for pending in run)
+            if group and (len(group) + len(run) > endpoint.max_items or size + run_size > endpoint.max_bytes):
+                break
+            group.extend(queue.popleft())
+            size += run_size
+            if user := self._user(run[0]):
+                self._lanes[user].queued = None  # in a request now: nothing joins it any more
+        self._ready_items[name] -= len(group)
+        return group
 
     def _launch(self, endpoint: Endpoint, group: list[Pending]) -> None:
         for pending in group:
             pending.sending = True
+            self._in_flight.add(pending)
         self._active += 1
         task = asyncio.create_task(self._send_group(endpoint, group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _stop_sending(self, pending: Pending) -> None:
+        pending.sending = False
+        self._in_flight.discard(pending)
 
     async def _send_group(self, endpoint: Endpoint, group: list[Pending]) -> None:
         try:
@@ -327,8 +456,24 @@ class DeliveryEngine:
             self._recover(group, exc)
         finally:
             self._active -= 1
+            self._end_request(group)
             self._report_held()
             self._poke()
+
+    def _end_request(self, group: list[Pending]) -> None:
+        """The request is over: what came back from it goes in front of its lane, in submission
+        order, and each of its users may have their next run released."""
+        now = time.monotonic()
+        for user in {self._user(pending) for pending in group}:
+            lane = self._lanes.get(user) if user else None
+            if lane is None:
+                continue
+            if lane.returned:
+                lane.waiting.extendleft(sorted(lane.returned, key=_submission_order, reverse=True))
+                lane.returned = []
+            lane.busy = False
+            self._recredit(lane, now)
+            self._release(user, lane, now)
 
     def _recover(self, group: list[Pending], exc: Exception) -> None:
         """After an unexpected error: retry the items of `group` that are neither settled nor queued
@@ -343,7 +488,29 @@ class DeliveryEngine:
                 log.exception("could not retry an item", destination=self.name)
                 self._dead(pending, Kind.EXHAUSTED, f"internal error: {type(again).__name__}: {again}", None)
 
+    def _sendable(self, group: list[Pending]) -> list[Pending]:
+        """The items of `group` to try now: not those settled, nor those revoked (withdrawn), nor a
+        user's items after one of theirs came back from this request (they wait behind it)."""
+        sendable = []
+        for pending in group:
+            if pending.settled:
+                continue
+            if pending.revoked:
+                self._settle(pending, REVOKED)
+                continue
+            user = self._user(pending)
+            lane = self._lanes.get(user) if user else None
+            if lane is not None and lane.returned:
+                self._stop_sending(pending)
+                lane.returned.append(pending)
+                continue
+            sendable.append(pending)
+        return sendable
+
     async def _attempt(self, endpoint: Endpoint, group: list[Pending], resend_depth: int) -> None:
+        group = self._sendable(group)
+        if not group:
+            return
         encoded = self._encode(endpoint, group)
         if encoded is None:  # some items could not be encoded: the rest go in requests of their own
             if len(group) > 1:
@@ -366,6 +533,8 @@ class DeliveryEngine:
             if verdict is Verdict.OK:
                 self._delivered.inc()
                 self._settle(pending, DELIVERED)
+            elif pending.revoked:  # not ours any more: its partition's new owner redoes it
+                self._settle(pending, REVOKED)
             elif verdict is Verdict.RESEND and resend_depth < MAX_RESEND_DEPTH:
                 resend.append(pending)
             elif verdict is Verdict.THROTTLED:
@@ -460,8 +629,21 @@ class DeliveryEngine:
         if hint is not None:
             delay = max(delay, hint)
         delay = min(delay, s.max_retry_seconds - elapsed)  # its last try is due when its budget ends
-        pending.sending = False
-        heapq.heappush(self._delayed, (now + delay, next(self._sequence), pending))
+        self._wait(pending, now + delay)
+
+    def _wait(self, pending: Pending, due: float) -> None:
+        """Try `pending` again at `due`: alone if it has no lane, else back in its lane, which (with
+        every later item of its user) waits until then."""
+        self._stop_sending(pending)
+        user = self._user(pending)
+        lane = self._lanes.get(user) if user else None
+        if lane is None:
+            heapq.heappush(self._delayed, (due, next(self._sequence), pending))
+            return
+        lane.returned.append(pending)
+        if due > lane.until:
+            lane.until = due
+            heapq.heappush(self._wakes, (due, next(self._sequence), user))
 
     def _report_circuit(self) -> None:
         if self.circuit_open != self._circuit_was_open:
@@ -489,18 +671,7 @@ class DeliveryEngine:
             return
         self._retried.inc()
         hint = self._hint(result.retry_after)
-        until = now + min(hint if hint is not None else s.throttle_default, remaining)
-        pending.sending = False
-        user = pending.item.user
-        if not user:  # nobody to hold back: this item waits alone
-            heapq.heappush(self._delayed, (until, next(self._sequence), pending))
-            return
-        hold = self._held.get(user)
-        if hold is None:
-            hold = self._held[user] = _Hold(until)
-        else:
-            hold.until = max(until, hold.until)
-        self._hold(hold, pending)
+        self._wait(pending, now + min(hint if hint is not None else s.throttle_default, remaining))
 
     def _dead(self, pending: Pending, kind: Kind, reason: str, http_status: int | None) -> None:
         reason = logs.scrub(reason, self._secrets)
@@ -514,8 +685,12 @@ class DeliveryEngine:
             log.error("an item was settled twice; the second outcome is dropped", destination=self.name)
             return
         pending.settled = True
-        pending.sending = False
+        self._stop_sending(pending)
         self.report(ItemReport(pending.owner, outcome))
+
+
+def _submission_order(pending: Pending) -> int:
+    return pending.order
 
 
 def _wake_up(waiter: asyncio.Future[None]) -> None:
@@ -530,15 +705,3 @@ def _bisect_worthy(outcome: Outcome) -> bool:
     if verdict is Verdict.SPLIT:
         return True
     return verdict is Verdict.PERMANENT and outcome.http_status in (400, 422)
-
-
-def _take_group(queue: deque[Pending], endpoint: Endpoint) -> list[Pending]:
-    group: list[Pending] = []
-    size = 0
-    while queue and len(group) < endpoint.max_items:
-        pending = queue[0]
-        if group and size + pending.size + 1 > endpoint.max_bytes:
-            break
-        group.append(queue.popleft())
-        size += pending.size + 1
-    return group

@@ -2,8 +2,9 @@
 
 Every item handed to the engine gets exactly one `ItemReport`, whose outcome is `Delivered`,
 `Failed` (dead-letter it) or `Withdrawn` (its partition was revoked: the new owner redoes it).
-Changes of the destination's circuit state travel the same channel as `CircuitReport`, so the
-loop's thread never reads the engine's attributes.
+Changes of the destination's circuit state travel the same channel as `CircuitReport`, and of
+how many items wait for held users as `HoldReport`, so the loop's thread never reads the engine's
+attributes.
 """
 
 from __future__ import annotations
@@ -50,4 +51,12 @@ class CircuitReport:
     consecutive_failures: int
 
 
-Report = ItemReport | CircuitReport
+@dataclass(frozen=True, slots=True)
+class HoldReport:
+    """How many items waiting for a held user (a retry's backoff, a throttle) count apart from the
+    shared buffer: the caller's backpressure leaves these out. Sent whenever the number changes."""
+
+    held: int
+
+
+Report = ItemReport | CircuitReport | HoldReport

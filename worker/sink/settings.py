@@ -16,8 +16,9 @@ class SinkSettings(Section):
     request_timeout: float = Field(default=10.0, gt=0)  # seconds for one HTTP request, connect to last byte
     linger_ms: float = Field(default=50.0, ge=0)  # how long a partly filled request may wait for more items
     max_buffered_events: int = Field(default=10_000, gt=0)  # beyond this the sink pauses its partitions
-    # Items held back for throttled users count apart from max_buffered_events (so one throttled
-    # heavy user does not pause everyone), up to this many of one user and max_held_events in all;
+    # Items waiting behind a held user (a retry's backoff, a throttle) count apart from
+    # max_buffered_events (so one slow heavy user does not pause everyone), up to this many of one
+    # user and max_held_events in all;
     # beyond either they count towards max_buffered_events again. So a sink holds at most
     # max_buffered_events + max_held_events items (plus one consumed batch).
     max_held_per_user: int = Field(default=1_000, gt=0)
@@ -34,6 +35,10 @@ class SinkSettings(Section):
     backoff_initial: float = Field(default=0.5, gt=0)  # seconds; doubles per attempt, with full jitter
     # The longest wait between two tries: caps the backoff and any Retry-After or API hint too.
     backoff_max: float = Field(default=60.0, gt=0)
+    # One user's items go out in the order they were consumed: while one of them is in a request,
+    # waiting for a retry or held for a throttle, that user's later items wait behind it (others
+    # do not). Off: items are sent as they come, each retried on its own (no order per user).
+    per_user_order: bool = True
     throttle_default: float = Field(default=30.0, gt=0)  # a throttled user's pause when the API gives no Retry-After
 
     @model_validator(mode="after")

@@ -12,11 +12,11 @@ One bad event never stops the sink: whatever decoding or the destination's `map_
 it (not only Skip and Unmappable) dead-letters that event `invalid`, with the exception as the
 reason, and the batch goes on.
 
-Items the engine holds back for a throttled user are outstanding but do not count towards the
-buffer that pauses every partition (the engine's `HoldReport` says how many, bounded per user and
-in all by SINK_MAX_HELD_PER_USER and SINK_MAX_HELD_EVENTS), so one throttled heavy user does not
-stall the others, and memory stays bounded by SINK_MAX_BUFFERED_EVENTS + SINK_MAX_HELD_EVENTS items
-plus one consumed batch.
+Items the engine holds back behind a held user (a retry's backoff, a throttle) are outstanding but
+do not count towards the buffer that pauses every partition (the engine's `HoldReport` says how
+many, bounded per user and in all by SINK_MAX_HELD_PER_USER and SINK_MAX_HELD_EVENTS), so one slow
+heavy user does not stall the others, and memory stays bounded by SINK_MAX_BUFFERED_EVENTS +
+SINK_MAX_HELD_EVENTS items plus one consumed batch.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from worker.kafka.consumer_loop import Backpressure, ConsumerLoop
 from worker.kafka.offsets import Batch, TopicPartitionKey
 from worker.kafka.producer import ProducerFatal
 from worker.names import Names, sink_role
-from worker.sink.delivery import DeliveryEngine, EngineReport, HoldReport, Pending
-from worker.sink.reports import CircuitReport, Failed, ItemReport
+from worker.sink.delivery import DeliveryEngine, Pending
+from worker.sink.reports import CircuitReport, Failed, HoldReport, ItemReport, Report
 from worker.sink.settings import SinkSettings
 from worker.sink.tracker import OpenMessage, SinkTracker
 
@@ -64,7 +64,7 @@ class SinkStrategy:
         self.producer = clients.producer()
         self.dead_letters = DeadLetterWriter(self.producer, names.dlq(self.name), self.name, dlq)
         self.tracker = SinkTracker()
-        self.reports: queue.SimpleQueue[EngineReport] = queue.SimpleQueue()
+        self.reports: queue.SimpleQueue[Report] = queue.SimpleQueue()
         self.engine = DeliveryEngine(destination, sink, self.reports.put)
         self.engine.start()
         self.outstanding = 0  # items handed to the engine and not yet reported ...
@@ -205,7 +205,9 @@ class SinkStrategy:
             )
 
     def revoke(self, partitions: list[TopicPartitionKey]) -> None:
-        """Withdraw the revoked partitions' unfinished messages: their new owner redoes them."""
+        """Withdraw the revoked partitions' unfinished messages: their new owner redoes them. The
+        engine waits (at most the request timeout) for requests under way that carry them, and never
+        retries them, so nothing of theirs lands after the new owner starts."""
         gone = set(partitions)
         self.engine.withdraw(lambda entry: entry.key in gone)
         self.tracker.withdraw(partitions)
