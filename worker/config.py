@@ -49,6 +49,10 @@ class Settings(Section):
     ip_cache_size: int = Field(default=65_536, ge=0)
     consume_batch_size: int = Field(default=1000, gt=0)
     max_in_flight: int = Field(default=50_000, gt=0)
+    # How long an anonymous event with no known link waits for one before going to a destination
+    # that needs a userId (docs/ARCHITECTURE.md#identity-stitching); 0 disables. Capped so that
+    # the wait stays short next to a drain or a rebalance, which give waiting events their time.
+    normalize_stitch_wait_ms: int = Field(default=2000, ge=0, le=60_000)
 
     @field_validator("destinations", mode="before")
     @classmethod

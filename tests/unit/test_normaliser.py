@@ -105,6 +105,15 @@ def test_identify_and_alias_link_ids_and_later_anonymous_events_get_the_user(nor
     assert "userId" not in one(normaliser, {"type": "page", "anonymousId": "stranger"}).event
 
 
+def test_a_routed_event_carries_its_link_and_extra_fields_for_stitching(normaliser):
+    identify = {"type": "identify", "userId": "u1", "anonymousId": "a1"}
+    assert one(normaliser, identify).link == ("a1", "u1")
+    assert one(normaliser, identify).link == ("a1", "u1")  # known already, still this event's link
+    assert one(normaliser, {"type": "alias", "userId": "u2", "previousId": "a2"}).link == ("a2", "u2")
+    anonymous = one(normaliser, {"type": "page", "anonymousId": "a3", "custom": 1})
+    assert anonymous.link is None and anonymous.extra == {"custom": 1}
+
+
 def test_enrichment_fills_location_device_os_browser(normaliser):
     context = one(
         normaliser, {"type": "page", "userId": "u", "context": {"ip": "81.2.69.142", "userAgent": IPHONE_UA}}

@@ -29,6 +29,9 @@ class DestinationEntry:
     make: Callable[[Any], Destination]  # config -> the destination (worker.destinations.base)
     standin: str  # module of its local stand-in (worker.standins.*): `register(app, state, key)`
     key_field: str = "api_key"  # the config field that holds its credential
+    # It cannot use an event without a userId (skips it, or bills it to the anonymous id): the
+    # normaliser gives such an event a short wait for its identity link (worker.normalize.stitching).
+    needs_user_id: bool = False
 
     @property
     def key_variable(self) -> str:
@@ -75,6 +78,12 @@ def get(name: str) -> DestinationEntry:
 
 
 register(DestinationEntry("amplitude", amplitude.AmplitudeConfig, amplitude.make, "worker.standins.amplitude"))
-register(DestinationEntry("amberflo", amberflo.AmberfloConfig, amberflo.make, "worker.standins.amberflo"))
-register(DestinationEntry("reteno", reteno.RetenoConfig, reteno.make, "worker.standins.reteno", "access_key"))
-register(DestinationEntry("brevo", brevo.BrevoConfig, brevo.make, "worker.standins.brevo"))
+register(
+    DestinationEntry("amberflo", amberflo.AmberfloConfig, amberflo.make, "worker.standins.amberflo", needs_user_id=True)
+)
+register(
+    DestinationEntry(
+        "reteno", reteno.RetenoConfig, reteno.make, "worker.standins.reteno", "access_key", needs_user_id=True
+    )
+)
+register(DestinationEntry("brevo", brevo.BrevoConfig, brevo.make, "worker.standins.brevo", needs_user_id=True))

@@ -3,15 +3,16 @@
 It lives in the compacted topic `segment.identities` (key anonymousId, value userId). Every
 normaliser instance reads the whole topic into a bounded in-memory LRU, because an anonymous event
 and the identify that names its user are keyed differently (anonymousId vs userId) and so land on
-different partitions, possibly in different processes. Updates are eventually consistent: an
-anonymous event processed before the identify reached this instance stays anonymous.
+different partitions, possibly in different processes. Updates are eventually consistent; an
+anonymous event that some destination cannot use without a userId waits a short, bounded time for
+its link (worker.normalize.stitching), which `IdentityMap.watch` tells the normaliser about.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from confluent_kafka import KafkaException
 
@@ -34,6 +35,7 @@ class IdentityMap:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._changes: deque[str] | None = None
 
     def _touch(self, anonymous_id: str) -> None:
         try:  # noqa: SIM105 - contextlib.suppress costs more, and this runs per event
@@ -57,7 +59,20 @@ class IdentityMap:
             self._entries.move_to_end(anonymous_id)
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-            return True
+        if self._changes is not None:
+            self._changes.append(anonymous_id)
+        return True
+
+    def watch(self, max_pending: int = 100_000) -> deque[str]:
+        """From now on, every new or changed link's anonymousId is appended to the returned deque,
+        from whichever thread put it; the watcher pops them (deque appends and pops are thread-safe).
+
+        Appended after the map holds the link, so a watcher that read the map and found no link
+        finds the notice later. Unfiltered, so that no interest set is shared between threads; the
+        bound only matters if the watcher stops popping, and a missed notice merely leaves an event
+        waiting until its deadline (when the map is read again anyway)."""
+        self._changes = deque(maxlen=max_pending)
+        return self._changes
 
     def forget(self, anonymous_id: str) -> None:
         with self._lock:

@@ -39,6 +39,9 @@ class RoutedEvent:
     value: bytes  # Avro single-object encoded SegmentEvent
     destinations: list[str]
     event: SegmentEvent
+    # What an event held for its userId (worker.normalize.stitching) needs to be encoded again.
+    extra: dict[str, Any] = field(default_factory=dict)
+    link: tuple[str, str] | None = None  # the anonymousId -> userId link this event teaches, new or not
 
 
 @dataclass(slots=True)
@@ -111,7 +114,11 @@ class Normaliser:
         for enrich in self.enrichers:
             enrich(event)  # type: ignore[arg-type]
         chosen = destinations_for(event["integrations"], self.destinations)
-        routed = RoutedEvent(partition_key(event), self.codec.encode(event, extra), chosen, event) if chosen else None
+        routed = (
+            RoutedEvent(partition_key(event), self.codec.encode(event, extra), chosen, event, extra, link)
+            if chosen
+            else None
+        )
         if link is not None and self.identities.put(*link):
             result.links.append(link)
         if routed is None:
