@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -104,3 +105,44 @@ def write_events(settings: Config, destination: str, events: list[dict[str, Any]
 
 def start_sink(settings: Config, destination: str, standins: Standins, log_dir: Path, **env: str) -> Role:
     return start_role(settings, ["sink", destination], log_dir, **{**FAST_SINK_ENV, **standins.env(), **env})
+
+
+def metric_value(port: int, name: str) -> float | None:
+    """A gauge or counter without labels from a role's /metrics, or None while it is not served."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
+
+
+def assigned_partitions(log: Path) -> set[int]:
+    """The partitions a sink process holds at the end of its log (its assign and revoke lines)."""
+    held: set[int] = set()
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        parts = {int(p.rsplit("[", 1)[1].rstrip("]")) for p in record.get("partitions", [])}
+        if record.get("event") == "partitions assigned":
+            held |= parts
+        elif record.get("event") in ("partitions revoked", "partitions lost"):
+            held -= parts
+    return held
+
+
+def log_has(log: Path, event: str) -> bool:
+    return any(f'"event": "{event}"' in line or f'"event":"{event}"' in line for line in log.read_text().splitlines())
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.2)

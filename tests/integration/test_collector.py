@@ -86,9 +86,10 @@ def test_segment_sdk_events_land_on_raw_with_server_stamps(collector: CollectorP
     received: dict[str, dict] = {}
     for message in messages:
         envelope = orjson.loads(message.value())
-        assert "writeKey" not in envelope  # the SDK puts the key in the body too; it is not stored
-        assert envelope["sentAt"]  # the SDK's batch-level sentAt is kept for skew correction
+        assert envelope.keys() == {"batch"}  # one event a message, the batch's fields merged into it
         [event] = envelope["batch"]
+        assert "writeKey" not in event  # the SDK puts the key in the body too; it is not stored
+        assert event["sentAt"]  # the SDK's batch-level sentAt is kept for skew correction
         assert message.key() == b"user-1"
         assert event["receivedAt"].endswith("Z") and len(event["receivedAt"]) == len("2024-01-01T00:00:00.000Z")
         assert event["context"]["ip"] == "127.0.0.1"

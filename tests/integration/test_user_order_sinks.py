@@ -16,13 +16,20 @@ import itertools
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.kafka_helpers import read_count, settings_for, setup_topics
-from tests.sink_helpers import Standins, start_sink, track_events, write_events
+from tests.sink_helpers import (
+    Standins,
+    assigned_partitions,
+    log_has,
+    start_sink,
+    track_events,
+    wait_until,
+    write_events,
+)
 
 pytestmark = pytest.mark.integration
 # What is tested is the sink's own rule, not the broker's behaviour: the first broker chosen is enough.
@@ -113,34 +120,6 @@ def test_a_third_of_requests_failing_keeps_one_users_updates_in_order(settings, 
         identifies = [item for item in received.values() if item.get("event_type") == "$identify"]
         mine_set = [i["user_properties"]["$set"]["firstName"] for i in identifies if i.get("user_id") == ORDERED_USER]
         assert mine_set[-1] == "v59" and mine_set == sorted(mine_set)
-
-
-def assigned_partitions(log: Path) -> set[int]:
-    """The partitions a sink process holds at the end of its log (its assign and revoke lines)."""
-    held: set[int] = set()
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        parts = {int(p.rsplit("[", 1)[1].rstrip("]")) for p in record.get("partitions", [])}
-        if record.get("event") == "partitions assigned":
-            held |= parts
-        elif record.get("event") in ("partitions revoked", "partitions lost"):
-            held -= parts
-    return held
-
-
-def log_has(log: Path, event: str) -> bool:
-    return any(f'"event": "{event}"' in line or f'"event":"{event}"' in line for line in log.read_text().splitlines())
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])

@@ -100,10 +100,12 @@ def test_batch_and_import_stamp_every_item(collector: CollectorThread, settings:
     batch = {"batch": [{"type": "track", "userId": "u1", "event": "A"}, {"type": "page", "userId": "u1"}]}
     for path in ("/v1/batch", "/v1/import"):
         assert requests.post(collector.url + path, json=batch, headers=basic(KEY)).json() == {"success": True}
-    envelopes = events_on_raw(settings, 2)
-    for envelope in envelopes:
-        assert [item["context"]["ip"] for item in envelope["batch"]] == ["127.0.0.1", "127.0.0.1"]
-        assert all(item["receivedAt"].endswith("Z") for item in envelope["batch"])
+    envelopes = events_on_raw(settings, 4)  # one message an event
+    assert all(len(envelope["batch"]) == 1 for envelope in envelopes)
+    items = [envelope["batch"][0] for envelope in envelopes]
+    assert [item["type"] for item in items] == ["track", "page"] * 2  # one key, one partition: in order
+    assert [item["context"]["ip"] for item in items] == ["127.0.0.1"] * 4
+    assert all(item["receivedAt"].endswith("Z") for item in items)
 
 
 def test_concurrent_requests_each_write_exactly_one_message(collector: CollectorThread, settings: Config) -> None:

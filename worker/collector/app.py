@@ -2,8 +2,10 @@
 
 A request goes: write key (if carried outside the body), Content-Encoding and announced length,
 all from the headers alone -> bounded body (in size and time) -> gunzip -> JSON -> write key (if in
-the body) -> shape, stamps and limits -> one Kafka message -> 200 only after the broker
-acknowledged it. Any refusal happens before the write, so nothing is ever half-written.
+the body) -> shape, stamps and limits -> one Kafka message an event, keyed by its user -> 200 only
+after the broker acknowledged every one of them, 503 if it did not acknowledge any one. Every 4xx
+is decided before the first write, so a refused request writes nothing; a 503 may leave some of
+its events stored, which the client's retry writes again (deduplicated by messageId downstream).
 
 A wrong key outside the body is refused before a byte of the body is read, and before a client
 that sent `Expect: 100-continue` is invited to send it. When the key can only be in the body, the
@@ -30,7 +32,7 @@ from worker.collector.auth import WriteKeys, key_from_body, key_from_request
 from worker.collector.body import IDENTITY, check_length, content_encoding, decode_content, read_wire_body
 from worker.collector.client_ip import TrustedProxies, client_ip
 from worker.collector.deadlines import HeadDeadlines
-from worker.collector.payloads import EVENT_TYPES, RawMessage, Shape, build_message, decode_document, received_at_now
+from worker.collector.payloads import EVENT_TYPES, RawMessage, Shape, build_messages, decode_document, received_at_now
 from worker.collector.responses import (
     JITSU_OK,
     SEGMENT_OK,
@@ -117,10 +119,10 @@ class Collector:
 
     async def handle(self, request: web.Request, route: Route) -> web.Response:
         try:
-            message = await self._accept(request, route)
-            if message is not None:
-                await self._store(message)
-                metrics.EVENTS.labels(route.path).inc(message.events)
+            messages = await self._accept(request, route)
+            if messages:
+                await self._store(messages)
+                metrics.EVENTS.labels(route.path).inc(len(messages))
             response = json_response(200, route.ok_body)
         except HttpError as rejected:
             response = self._refusal(route, rejected)
@@ -151,7 +153,7 @@ class Collector:
         check_length(request.content_length, self.settings.max_body_bytes, _body_is_payload(encoding, route))
         return outer_key, encoding
 
-    async def _accept(self, request: web.Request, route: Route) -> RawMessage | None:
+    async def _accept(self, request: web.Request, route: Route) -> list[RawMessage]:
         outer_key, encoding = self._check_head(request, route)
         wire = await read_wire_body(
             request,
@@ -171,15 +173,15 @@ class Collector:
         ip = client_ip(
             request.remote, request.headers.get("X-Forwarded-For"), request.headers.get("X-Real-IP"), self.trusted
         )
-        return build_message(document, route.shape, route.event_type, received_at_now(), ip)
+        return build_messages(document, route.shape, route.event_type, received_at_now(), ip)
 
-    async def _store(self, message: RawMessage) -> None:
+    async def _store(self, messages: list[RawMessage]) -> None:
         if self.in_flight >= self.settings.max_in_flight:
             raise unavailable(f"{self.in_flight} requests are already waiting for Kafka")
         self.in_flight += 1
         metrics.IN_FLIGHT.set(self.in_flight)
         try:
-            await self.writer.write(message.value, message.key)
+            await self.writer.write_all([(message.value, message.key) for message in messages])
         except WriteFailed as failed:
             metrics.WRITE_FAILURES.inc()
             raise unavailable(str(failed)) from None

@@ -1,5 +1,13 @@
-"""From a request's JSON to the one message written to `segment.raw`: shape checks, the server's
-stamps (`receivedAt`, `context.ip`), Segment's size limits, and the message key.
+"""From a request's JSON to the messages written to `segment.raw`, one an event: shape checks, the
+server's stamps (`receivedAt`, `context.ip`), Segment's size limits, and each message's key.
+
+One message an event, keyed by that event's userId else anonymousId, because the key decides the
+partition and the partition decides the order the normaliser instances write events out in: a
+whole batch under one key would put every user in it on the partition of whoever came first.
+A batch's event is written as the normaliser's own split of the batch made it (its
+`worker.segment.envelope.parse`: the batch's `context`, `sentAt`, `integrations`... merged in),
+wrapped in a one-event `{"batch": [...]}` envelope, so the merge logic lives in one place and the
+normaliser treats the event exactly as it would have inside the whole batch.
 
 Everything is checked before anything is written, and the limits are checked on the stamped
 bytes with the normaliser's own parser (`worker.segment.envelope.parse`), so a request answered
@@ -24,7 +32,15 @@ import orjson
 
 from worker.collector.auth import BODY_FIELD
 from worker.collector.responses import exceeds_payload_limit, invalid_json, malformed
-from worker.segment.envelope import MAX_BATCH_BYTES, MAX_DEPTH, MAX_EVENT_BYTES, InvalidPayload, json_type, parse
+from worker.segment.envelope import (
+    MAX_BATCH_BYTES,
+    MAX_DEPTH,
+    MAX_EVENT_BYTES,
+    Envelope,
+    InvalidPayload,
+    json_type,
+    parse,
+)
 from worker.segment.timestamps import format_iso
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
@@ -43,9 +59,10 @@ class Shape(Enum):
 
 @dataclass(frozen=True)
 class RawMessage:
+    """One message for `segment.raw`: one event (bare, or in a one-event batch envelope)."""
+
     value: bytes
     key: str | None
-    events: int
 
 
 def received_at_now() -> str:
@@ -105,14 +122,14 @@ def encode(document: Any) -> bytes:
         ) from None
 
 
-def build_message(
+def build_messages(
     document: dict[str, Any], shape: Shape, event_type: str | None, received_at: str, ip: str | None
-) -> RawMessage | None:
-    """The message to write, or None for an empty batch (nothing to store, nothing to refuse).
-    Stamps `document` in place."""
+) -> list[RawMessage]:
+    """The messages to write, one an event, in the request's order; none for an empty batch
+    (nothing to store, nothing to refuse). Stamps `document` in place."""
     if shape is Shape.BATCH or (shape is Shape.EITHER and "batch" in document):
-        return _batch_message(document, received_at, ip)
-    return _event_message(document, event_type, received_at, ip)
+        return _batch_messages(document, received_at, ip)
+    return [_event_message(document, event_type, received_at, ip)]
 
 
 def _event_message(event: dict[str, Any], event_type: str | None, received_at: str, ip: str | None) -> RawMessage:
@@ -127,10 +144,10 @@ def _event_message(event: dict[str, Any], event_type: str | None, received_at: s
         raise exceeds_payload_limit(
             f"event is {len(value)} bytes with receivedAt and context.ip; the limit is {MAX_EVENT_BYTES} bytes"
         )
-    return RawMessage(value, key_of(event), 1)
+    return RawMessage(value, key_of(event))
 
 
-def _batch_message(document: dict[str, Any], received_at: str, ip: str | None) -> RawMessage | None:
+def _batch_messages(document: dict[str, Any], received_at: str, ip: str | None) -> list[RawMessage]:
     batch = document.get("batch")
     if not isinstance(batch, list):
         raise malformed(f"`batch` must be an array of events, got {json_type(batch)}")
@@ -139,19 +156,23 @@ def _batch_message(document: dict[str, Any], received_at: str, ip: str | None) -
             raise malformed(f"batch[{index}] must be an object, got {json_type(item)}")
     document.pop(BODY_FIELD, None)
     if not batch:
-        return None
+        return []
     # An IP in the batch's own context reaches every event when the normaliser merges it under
     # theirs; stamping the socket's IP on the events would override it.
     shared_context = document.get("context")
     batch_has_ip = isinstance(shared_context, dict) and shared_context.get("ip") is not None
     for item in batch:
         stamp(item, received_at, None if batch_has_ip else ip)
-    value = encode(document)
-    _check_batch_like_the_normaliser(value)
-    return RawMessage(value, key_of(batch[0]), len(batch))
+    envelope = _split_like_the_normaliser(encode(document))
+    return [
+        RawMessage(one_event_batch(encoded), key_of(event))
+        for event, encoded in zip(envelope.events, envelope.encoded, strict=True)
+    ]
 
 
-def _check_batch_like_the_normaliser(value: bytes) -> None:
+def _split_like_the_normaliser(value: bytes) -> Envelope:
+    """The batch as the normaliser splits it (limits checked on the whole of it, as it would), so
+    each event is written already merged with the batch's fields, by the normaliser's own code."""
     if len(value) > MAX_BATCH_BYTES:
         raise exceeds_payload_limit(
             f"batch is {len(value)} bytes with receivedAt and context.ip; the limit is {MAX_BATCH_BYTES} bytes"
@@ -163,6 +184,16 @@ def _check_batch_like_the_normaliser(value: bytes) -> None:
     if envelope.rejected:  # items are objects (checked above), so these are events over 32 KB
         first = envelope.rejected[0]
         raise exceeds_payload_limit(f"batch[{first.index}]: {first.reason}")
+    return envelope
+
+
+def one_event_batch(encoded_event: bytes) -> bytes:
+    """A batch envelope holding one already-merged event, and nothing else (its batch-level fields
+    are in it already). Kept a batch rather than a bare event: a batch item may carry a field named
+    `batch`, which the normaliser would take for an envelope if the item stood alone. Joined as
+    bytes, not re-encoded: the envelope's two levels must not count against orjson's write depth
+    (the normaliser re-encodes only the event, as it always has)."""
+    return b'{"batch":[' + encoded_event + b"]}"
 
 
 def stamp(event: dict[str, Any], received_at: str, ip: str | None) -> None:
@@ -182,11 +213,17 @@ def stamp(event: dict[str, Any], received_at: str, ip: str | None) -> None:
 
 
 def key_of(event: dict[str, Any]) -> str | None:
-    """userId, else anonymousId: one person's events stay on one partition (docs/ARCHITECTURE.md#message-keys)."""
+    """userId, else anonymousId: one person's events stay on one partition (docs/ARCHITECTURE.md#message-keys).
+    Numbers are written as the normaliser's validation writes those ids (42.0 is "42"), so the
+    same user has the same key whichever way a client spelled the id."""
     for field in ("userId", "anonymousId"):
         value = event.get(field)
         if isinstance(value, str) and value:
             return value
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
             return str(value)
+        if isinstance(value, float):  # JSON has no NaN or infinity, so every float here is finite
+            return str(int(value)) if value.is_integer() else str(value)
     return None

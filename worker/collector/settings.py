@@ -29,7 +29,9 @@ class CollectorSettings(Section):
     # How long a request waits for the broker's acknowledgement before it is answered 503.
     ack_timeout_seconds: float = Field(default=10.0, gt=0)
     # Requests waiting for an acknowledgement at once; more are answered 503 (bounds memory while
-    # the broker is slow: at most this many payloads of <= 500 KB are queued in librdkafka).
+    # the broker is slow: at most this many requests' events are queued in librdkafka, each event
+    # <= 32 KB with its batch's context merged in; the producer's queue.buffering.max.messages
+    # bounds the count of events as well).
     max_in_flight: int = Field(default=1000, gt=0)
     # On SIGTERM: how long in-flight requests may take to finish, then how long the producer may flush.
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0)

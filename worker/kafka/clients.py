@@ -51,6 +51,12 @@ PRODUCER_DEFAULTS = {
     # A message not delivered in 2 minutes fails (and so does its input's commit); kept below
     # max.poll.interval.ms so a flush that waits for it cannot get the consumer thrown out of its group.
     "message.timeout.ms": "120000",
+    # The Java client's (and kafkajs') partitioner: murmur2 of the key, positive, modulo the
+    # partition count (random for a message without a key). librdkafka's own default
+    # (consistent_random, CRC32) puts the same key on another partition, so one user written by
+    # this product and by a Java or Node service would be split across partitions and lose order.
+    # A user's KAFKA_PARTITIONER replaces it, like any other KAFKA_* property.
+    "partitioner": "murmur2_random",
 }
 
 # Producer-only properties a user may set through KAFKA_*; librdkafka warns if a consumer sees them.
@@ -64,6 +70,7 @@ PRODUCER_ONLY = (
     "message.timeout.ms",
     "retries",
     "transactional.id",
+    "partitioner",
 )
 # Consumer-only properties, likewise for producers.
 CONSUMER_ONLY = (
