@@ -131,8 +131,31 @@ def test_track_without_email_or_user_id_is_skipped_with_a_reason():
     event = track()
     del event["userId"]
 
-    with pytest.raises(Skip, match=r"userId \(ext_id\) or an email"):
+    with pytest.raises(Skip, match=r"userId \(ext_id\), an email \(email_id\) or a phone \(phone_id\)"):
         make(BrevoConfig()).map_event(event)
+
+
+def test_track_from_a_phone_only_contact_is_identified_by_phone_id():
+    # An identify with only a phone creates an SMS contact (test_anonymous_identify_with_a_phone_...);
+    # its events used to be skipped although Brevo's create-event `identifiers` take `phone_id`
+    # ("SMS associated with the event", https://developers.brevo.com/reference/create-event).
+    event = track(context={"traits": {"phone": "+14155550100", "firstName": "Jo"}})
+    del event["userId"]
+
+    [item] = make(BrevoConfig()).map_event(event)
+
+    assert item.payload["identifiers"] == {"phone_id": "+14155550100"}
+    assert item.payload["contact_properties"] == {"SMS": "+14155550100", "FIRSTNAME": "Jo"}
+
+
+@pytest.mark.parametrize(("phone", "phone_id"), [(14155550100, "14155550100"), ("  ", None), (True, None), (1.5, None)])
+def test_phone_id_is_text_and_only_from_a_usable_phone(phone, phone_id):
+    event = track(context={"traits": {"phone": phone}})
+
+    [item] = make(BrevoConfig()).map_event(event)
+
+    assert item.payload["identifiers"].get("phone_id") == phone_id
+    assert item.payload["identifiers"]["ext_id"] == "user-1"
 
 
 def test_track_whose_name_has_nothing_brevo_accepts_is_invalid():

@@ -421,9 +421,9 @@ def test_events_that_crash_the_amplitude_mapping_are_dead_lettered_invalid_and_t
     try:
         good = [event(n, f"user-{n:05d}") for n in range(6)]
         poison = {
-            6: event(6, properties={"quantity": "1e999"}),
-            7: event(7, properties={"quantity": "nan"}),
-            8: event(8, properties={"quantity": 1e300}),
+            6: event(6, properties={"revenue": 1, "quantity": "1e999"}),
+            7: event(7, properties={"revenue": 1, "quantity": "nan"}),
+            8: event(8, properties={"revenue": 1, "quantity": 1e300}),
             9: event(9, properties={"revenue": "-inf"}),
             10: event(10, properties=[1, 2]),
             11: b"\xc3\x01 not an avro record",
@@ -501,7 +501,8 @@ def test_an_item_the_destination_cannot_encode_fails_alone_and_its_batch_mates_g
 )
 def test_amplitude_numeric_coercion_rejects_non_finite_and_out_of_range_values(properties, reason):
     with pytest.raises(Unmappable) as raised:
-        amplitude.make().map_event(event(0, properties=properties))  # type: ignore[arg-type]
+        # (With revenue: only then are quantity and price revenue fields that must be numbers.)
+        amplitude.make().map_event(event(0, properties={"revenue": 1, **properties}))  # type: ignore[arg-type]
     assert raised.value.reason.startswith(reason)
 
 
@@ -511,7 +512,7 @@ def test_amplitude_numeric_coercion_keeps_what_it_always_took():
         .map_event(event(0, properties={"quantity": "3.9", "price": "2", "revenue": 2**63 - 1}))[0]
         .payload
     )  # type: ignore[arg-type]
-    assert (payload["quantity"], payload["price"], payload["revenue"]) == (3, 2.0, float(2**63 - 1))
+    assert (payload["quantity"], payload["price"], payload["revenue"]) == (4, 2.0, float(2**63 - 1))  # rounded
     ignored = amplitude.make().map_event(event(1, properties={"quantity": "a few", "revenue": {"usd": 3}}))[0].payload  # type: ignore[arg-type]
     assert "quantity" not in ignored and "revenue" not in ignored
 

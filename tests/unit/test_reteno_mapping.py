@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from worker.config_loader import ConfigError
 from worker.destinations.base import Item, Skip, Unmappable, Verdict
 from worker.destinations.reteno import (
     CONTACTS,
@@ -360,6 +361,106 @@ def test_device_category_comes_from_config():
     [device] = make(RetenoConfig(category="TABLET")).map_event(event)
 
     assert device.payload["category"] == "TABLET"
+
+
+# A realistic Segment iOS identify (analytics-swift: device.type "ios", os.name "iOS", app.version is
+# CFBundleShortVersionString) and the seed device payload it stands for: Amplitude's device_id,
+# user_id, os_name, version_name, os_version, device_model.
+IOS_APP_IDENTIFY: dict[str, Any] = {
+    "type": "identify",
+    "messageId": "m-ios",
+    "userId": "user-42",
+    "anonymousId": "anon-7",
+    "traits": {},
+    "context": {
+        "device": {"id": "6F9619FF-8B86-D011-B42D-00C04FC964FF", "type": "ios", "model": "iPhone15,2"},
+        "os": {"name": "iOS", "version": "17.4.1"},
+        "app": {"version": "3.2.0", "build": "412"},
+        "library": {"name": "analytics-swift", "version": "1.5.0"},
+        # analytics-swift reports the WebKit agent of the device: a Mozilla string, yet an app event.
+        "userAgent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4_1 like Mac OS X) AppleWebKit/605.1.15",
+    },
+}
+
+
+def test_ios_app_device_is_the_seed_payload():
+    [device] = make(RetenoConfig()).map_event(IOS_APP_IDENTIFY)
+
+    assert device.payload == render(SEED_DEVICE_TEMPLATE, AMPLITUDE_INPUT | {"user_id": "user-42"})
+
+
+def test_android_app_device_takes_its_os_from_the_device_type_when_the_os_name_is_missing():
+    event = {
+        "type": "identify",
+        "messageId": "m-android",
+        "anonymousId": "anon-8",
+        "context": {"device": {"id": "android-id-1", "type": "android", "model": "Pixel 7"}, "app": {"version": "2.0"}},
+    }
+
+    [device] = make(RetenoConfig()).map_event(event)
+
+    assert device.payload == {
+        "deviceId": "android-id-1",
+        "osType": "ANDROID",
+        "appVersion": "2.0",
+        "deviceModel": "Pixel 7",
+        "category": "MOBILE",
+    }
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        # What the normaliser makes of a phone browser's identify (analytics.js, UA enrichment). The
+        # seed's os_name is Amplitude's, the browser ("Mobile Safari"), never IOS; the old mapping
+        # sent context.os.name's IOS and registered the browser as an iOS app device.
+        {
+            "userAgent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile Safari",
+            "device": {"type": "mobile", "manufacturer": "Apple", "model": "iPhone"},
+            "os": {"name": "iOS", "version": "17.0"},
+            "library": {"name": "analytics.js", "version": "next-1.70.0"},
+        },
+        {"os": {"name": "Android", "version": "14"}, "library": {"name": "analytics.js"}},
+        {"os": {"name": "Android"}, "userAgent": "Mozilla/5.0 (Linux; Android 14) Chrome/120.0 Mobile Safari/537.36"},
+    ],
+)
+def test_a_browser_is_registered_without_an_app_os_type(context):
+    event = {"type": "identify", "messageId": "m-web", "anonymousId": "anon-web", "context": context, "channel": "web"}
+
+    [device] = make(RetenoConfig()).map_event(event)
+
+    assert "osType" not in device.payload
+    assert device.payload["deviceId"] == "anon-web"
+
+
+def test_an_app_agent_that_is_not_a_browser_keeps_the_os_name():
+    # analytics-android's Dalvik agent: the UA enricher's device.type "mobile", os Android.
+    context = {
+        "userAgent": "Dalvik/2.1.0 (Linux; U; Android 9)",
+        "device": {"type": "mobile"},
+        "os": {"name": "Android"},
+    }
+    event = {"type": "identify", "messageId": "m", "anonymousId": "a", "context": context}
+
+    [device] = make(RetenoConfig()).map_event(event)
+
+    assert device.payload["osType"] == "ANDROID"
+
+
+@pytest.mark.parametrize("os_name", [" iOS", "iOS ", "ios"])
+def test_os_type_ignores_case_and_surrounding_spaces(os_name):
+    event = {"type": "identify", "messageId": "m", "anonymousId": "a", "context": {"os": {"name": os_name}}}
+
+    [device] = make(RetenoConfig()).map_event(event)
+
+    assert device.payload["osType"] == "IOS"
+
+
+def test_device_category_outside_the_api_enum_is_refused_at_start():
+    # Reteno's DeviceCategoryRemote is MOBILE | TABLET: "mobile" would have every device refused.
+    env: dict[str, str] = {"RETENO_CATEGORY": "mobile"}
+    with pytest.raises(ConfigError, match="RETENO_CATEGORY"):
+        RetenoConfig.from_sources(env)
 
 
 # --- events -------------------------------------------------------------------------------------

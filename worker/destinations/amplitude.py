@@ -26,6 +26,11 @@ reference wins: the document's "2,000 events / 20 MB per request" are the Batch 
 HTTP V2's (< 1 MB, < 2000 events; we send at most 1000, as the connector document's own best
 practices say (docs/MAPPINGS.md#amplitude)).
 
+Event fields (platform, idfa/idfv/adid, session_id, revenue fields, utm_*/referrer user properties)
+follow the reference's "Keys for the Event Argument", held against rudder-transformer's `am`
+destination and Segment's Actions Amplitude; the rules and where they deliberately differ are in
+docs/MAPPINGS.md#amplitude.
+
 Minimum id length: Amplitude rejects a `user_id`/`device_id` shorter than `min_id_length` (default 5)
 with `events_with_invalid_id_lengths`. We never drop or pad short ids here: the API decides, the
 event is dead-lettered with a reason naming the field, and operators who use short ids set
@@ -34,6 +39,8 @@ event is dead-lettered with a reason naming the field, and operators who use sho
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -42,6 +49,7 @@ from pydantic import Field, SecretStr
 
 from worker.config_loader import Section
 from worker.destinations.base import (
+    INT64_MAX,
     Endpoint,
     Item,
     ItemResult,
@@ -55,13 +63,14 @@ from worker.destinations.base import (
     encoded_item,
     event_millis,
     finite_number,
-    int64,
+    is_browser_event,
     item_json,
     object_field,
     parse_retry_after,
     text_of,
 )
 from worker.segment.event import SegmentEvent
+from worker.segment.timestamps import InvalidTimestamp, millis_of
 
 EVENTS_ENDPOINT = "events"
 MAX_EVENTS_PER_REQUEST = 1000
@@ -89,6 +98,56 @@ _CONTEXT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("app_version", ("app", "version")),
 )
 _CONTEXT_PATHS = tuple((field, path[0], path[1] if len(path) > 1 else None) for field, path in _CONTEXT_FIELDS)
+
+# `platform` (docs/MAPPINGS.md#amplitude, "platform"): the OS family as Amplitude's own SDKs spell it.
+# Segment's mobile SDKs put it in context.device.type ("ios", "android"), RudderStack's too ("iOS",
+# "Android", "ipados", "tvos" ...); context.os.name spells it as the OS reports itself ("iPhone OS"
+# on old iOS). Keys are lower case; anything not listed (the UA enricher's "desktop" / "mobile" /
+# "tablet" / "bot", "Windows", "Linux") names no platform.
+_PLATFORMS = {
+    "ios": "iOS",
+    "iphone os": "iOS",
+    "ipados": "iPadOS",
+    "tvos": "tvOS",
+    "watchos": "watchOS",
+    "visionos": "visionOS",
+    "macos": "macOS",
+    "mac os x": "macOS",
+    "mac os": "macOS",
+    "android": "Android",
+}
+# Where Apple's IDFA/IDFV exist (RudderStack's isAppleFamily plus visionOS); macOS apps have neither
+# in the sense Amplitude's `idfa`/`idfv` ("(iOS)") mean.
+_APPLE_MOBILE = frozenset({"iOS", "iPadOS", "tvOS", "watchOS", "visionOS"})
+# Mobile SDKs whose name alone says the platform, for events that carry no device or OS at all.
+_LIBRARY_PLATFORMS = {
+    "analytics-ios": "iOS",
+    "analytics-android": "Android",
+    "rudder-ios-library": "iOS",
+    "com.rudderstack.android.sdk.core": "Android",
+}
+# An advertising id of zeros is what iOS (Limit Ad Tracking / ATT denied) and Android (ad id deleted)
+# report instead of an id: sent as idfa/adid it would tie every such device together.
+_ZERO_ID = re.compile(r"[0-]+")
+
+# context.campaign key -> Amplitude user property (the names Amplitude's SDKs and Segment's Actions
+# Amplitude use; `name` is the campaign, utm_campaign in the URL).
+_CAMPAIGN_PROPERTIES = (
+    ("source", "utm_source"),
+    ("medium", "utm_medium"),
+    ("name", "utm_campaign"),
+    ("term", "utm_term"),
+    ("content", "utm_content"),
+)
+# Where Segment clients put Amplitude's session id: the classic destination's and Actions Amplitude's
+# integration options (analytics.js plugins write them), then RudderStack's context.sessionId.
+_SESSION_PATHS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("integrations", ("Amplitude", "session_id")),
+    ("integrations", ("Actions Amplitude", "session_id")),
+    ("context", ("sessionId",)),
+)
+NO_SESSION = -1  # "A session_id of -1 is the same as no session_id specified" (HTTP V2 reference)
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 class AmplitudeConfig(Section):
@@ -172,7 +231,8 @@ class AmplitudeDestination:
 
     def _identify(self, event: SegmentEvent) -> dict[str, Any]:
         payload = self._base(event, "$identify")
-        payload["user_properties"] = {"$set": self._renamed(_user_traits(event))}
+        self._add_user_properties(payload, event)
+        payload.setdefault("user_properties", {"$set": {}})  # an identify always says what it sets
         return payload
 
     def _group(self, event: SegmentEvent) -> list[dict[str, Any]]:
@@ -190,6 +250,10 @@ class AmplitudeDestination:
         groups = {group_type: group_id}
         membership = self._base(event, "$identify")
         membership["groups"] = groups
+        # Only the campaign and referrer: the group's traits are not the user's.
+        attribution = _attribution(object_field(event, "context"))
+        if attribution:
+            membership["user_properties"] = attribution
         payloads = [membership]
         if traits:
             group_identify = self._base(event, "$groupidentify")
@@ -214,9 +278,11 @@ class AmplitudeDestination:
         payload["event_type"] = event_type
         payload["time"] = event_millis(event)
         payload["insert_id"] = _message_id(event)
-        platform = _platform(context)
+        platform = _platform(context, event.get("channel"))
         if platform:
             payload["platform"] = platform
+            payload.update(_device_ids(context, platform))
+        payload["session_id"] = _session_id(event, context)
         for field, first, second in _CONTEXT_PATHS:  # inlined _dig: this runs 16 times an event
             value = context.get(first)
             if second is not None:
@@ -229,9 +295,17 @@ class AmplitudeDestination:
         return payload
 
     def _add_user_properties(self, payload: dict[str, Any], event: SegmentEvent) -> None:
+        """Traits under `$set`, with the campaign and referrer as Amplitude's SDKs record them."""
         traits = _user_traits(event)
-        if traits:
-            payload["user_properties"] = {"$set": self._renamed(traits)}
+        attribution = _attribution(object_field(event, "context"))
+        if not traits and not attribution:
+            return
+        # The campaign and referrer are this event's; a trait of the same name (utm_source, referrer)
+        # is whatever the client cached earlier, so the event's own attribution wins.
+        user_properties: dict[str, Any] = {"$set": {**self._renamed(traits), **attribution.get("$set", {})}}
+        if "$setOnce" in attribution:
+            user_properties["$setOnce"] = attribution["$setOnce"]
+        payload["user_properties"] = user_properties
 
     def _event_type(self, name: str) -> str:
         return self.config.event_mapping.get(name, name)
@@ -399,35 +473,162 @@ def _user_traits(event: SegmentEvent) -> dict[str, Any]:
 
 
 def _revenue_fields(properties: Mapping[str, Any]) -> dict[str, Any]:
-    """Amplitude's revenue fields from Segment's ecommerce properties (revenue, price, quantity...)."""
+    """Amplitude's revenue fields, only for an event that states its `revenue` (docs/MAPPINGS.md#amplitude).
+
+    Amplitude books revenue for any event with a top-level `price` ("Required for revenue data if
+    the revenue field is not sent"), so price and quantity go to the top level only beside a revenue:
+    Product Viewed / Product Added carry a price, but no money changed hands. RudderStack's rule
+    (revenue fields when `properties.revenue` is set); Segment's Actions Amplitude sends them only for
+    Order Completed. The properties stay in event_properties either way.
+    """
     # A numeric value that is not a finite double (nan, inf, "1e999") or, for quantity (an integer), is
     # beyond 64 bits is a bad event (Unmappable, with the property named); a value that is not numeric
     # at all is not a revenue field and stays only in event_properties.
-    fields: dict[str, Any] = {}
-    for field in ("revenue", "price"):
-        number = finite_number(properties.get(field), f"properties.{field}")
-        if number is not None:
-            fields[field] = number
-    quantity = int64(properties.get("quantity"), "properties.quantity")
+    revenue = finite_number(properties.get("revenue"), "properties.revenue")
+    if revenue is None:
+        return {}
+    fields: dict[str, Any] = {"revenue": revenue}
+    price = finite_number(properties.get("price"), "properties.price")
+    if price is not None:
+        fields["price"] = price
+    quantity = _quantity(properties.get("quantity"))
     if quantity is not None:
         fields["quantity"] = quantity
-    # Amplitude ignores productId/revenueType unless revenue or price comes with them.
-    if "revenue" in fields or "price" in fields:
-        product_id = properties.get("productId", properties.get("product_id"))
-        revenue_type = properties.get("revenueType", properties.get("revenue_type"))
-        if product_id not in (None, ""):
-            fields["productId"] = text_of(product_id)
-        if revenue_type not in (None, ""):
-            fields["revenueType"] = text_of(revenue_type)
+    product_id = properties.get("productId", properties.get("product_id"))
+    revenue_type = properties.get("revenueType", properties.get("revenue_type"))
+    if product_id not in (None, ""):
+        fields["productId"] = text_of(product_id)
+    if revenue_type not in (None, ""):
+        fields["revenueType"] = text_of(revenue_type)
     return fields
 
 
-def _platform(context: Mapping[str, Any]) -> str | None:
+def _quantity(value: Any) -> int | None:
+    """Amplitude's quantity is an integer: a fractional one is rounded half up, as Segment's Actions
+    Amplitude does (JavaScript's Math.round: 2.5 -> 3, -2.5 -> -2), not truncated (2.9 is not 2)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number: int = value  # exact: no round trip through float
+    else:
+        real = finite_number(value, "properties.quantity")
+        if real is None:
+            return None
+        number = math.floor(real + 0.5)
+    if not -INT64_MAX - 1 <= number <= INT64_MAX:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise Unmappable(f"properties.quantity is out of the 64-bit integer range: {shown}")
+    return number
+
+
+def _platform(context: Mapping[str, Any], channel: Any) -> str | None:
+    """The platform Amplitude's SDKs would report: the OS family for apps, `Web` for browsers.
+
+    1. context.device.type when it names an OS family (what Segment's and RudderStack's mobile SDKs
+       send), properly cased as Amplitude spells it: "ios" -> "iOS", "android" -> "Android";
+    2. `Web` for a browser: library analytics.js (Segment's rule), channel web/browser
+       (RudderStack's), or a browser user agent (`Mozilla/...`). The UA enricher's device.type
+       (desktop/mobile/tablet) is a form factor, never a platform;
+    3. context.os.name when it names a mobile OS (an app event without a device type);
+    4. a mobile SDK's library name;
+    5. nothing: no platform is made up.
+    """
     device_type = _dig(context, ("device", "type"))
-    if device_type:
-        return text_of(device_type)
-    # Browsers send a user agent and no device type (analytics.js); Amplitude calls that "Web".
-    return "Web" if context.get("userAgent") else None
+    if isinstance(device_type, str) and (named := _PLATFORMS.get(device_type.strip().lower())):
+        return named
+    if is_browser_event(context, channel):
+        return "Web"
+    library = _dig(context, ("library", "name"))
+    library = library if isinstance(library, str) else ""  # an object is unhashable: no dict lookups
+    os_name = _dig(context, ("os", "name"))
+    if isinstance(os_name, str) and (named := _PLATFORMS.get(os_name.strip().lower())):
+        return named
+    return _LIBRARY_PLATFORMS.get(library)
+
+
+def _device_ids(context: Mapping[str, Any], platform: str) -> dict[str, str]:
+    """Attribution ids (HTTP V2: `idfa`/`idfv` "(iOS)", `adid` "(Android)"), as RudderStack picks them:
+    context.device.advertisingId is the IDFA on Apple devices and the Google advertising id on
+    Android; context.device.id is the IDFV on Apple devices (Segment's and RudderStack's iOS SDKs
+    fill it with identifierForVendor). Nothing for the web, where neither exists."""
+    device = as_object(context.get("device"))
+    advertising_id = device.get("advertisingId")
+    if not isinstance(advertising_id, str) or not advertising_id or _ZERO_ID.fullmatch(advertising_id):
+        advertising_id = None
+    ids: dict[str, str] = {}
+    if platform in _APPLE_MOBILE:
+        if advertising_id:
+            ids["idfa"] = advertising_id
+        vendor_id = device.get("id")
+        if isinstance(vendor_id, str) and vendor_id and not _ZERO_ID.fullmatch(vendor_id):
+            ids["idfv"] = vendor_id
+    elif platform == "Android" and advertising_id:
+        ids["adid"] = advertising_id
+    return ids
+
+
+def _session_id(event: SegmentEvent, context: Mapping[str, Any]) -> int:
+    """Amplitude's session_id (the session's start, ms since the epoch) from the first place a client
+    put one (_SESSION_PATHS); -1 ("no session") when none holds a usable one."""
+    for top, path in _SESSION_PATHS:
+        source = context if top == "context" else as_object(event.get(top))
+        session = _session_millis(_dig(source, path))
+        if session is not None:
+            return session
+    return NO_SESSION
+
+
+def _session_millis(value: Any) -> int | None:
+    """A session start as a positive 64-bit integer of milliseconds, else None (treated as absent,
+    never an error: a bad session id must not lose the event). Accepts integers, integral-valued
+    floats, digit strings (Segment's formatSessionId) and ISO-8601 dates (Segment's session_id is a
+    datetime field)."""
+    if value is None or isinstance(value, bool):
+        return None
+    number: int | None = None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = int(value) if math.isfinite(value) and abs(value) <= INT64_MAX else None
+    elif isinstance(value, str):
+        text = value.strip()
+        if _DIGITS.fullmatch(text):
+            number = int(text)
+        elif text and not text.lstrip("+-").isdigit():
+            try:
+                number = millis_of(text)
+            except (InvalidTimestamp, ValueError, OverflowError, TypeError, OSError):
+                number = None  # not a date either: no session
+    if number is None or not 0 < number <= INT64_MAX:
+        return None
+    return number
+
+
+def _attribution(context: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """context.campaign and context.page.referrer as Amplitude's SDKs record them: the latest touch
+    under `$set` (utm_source ..., referrer), the first one under `$setOnce` (initial_utm_source ...,
+    initial_referrer). {} when the event carries neither."""
+    latest: dict[str, str] = {}
+    campaign = as_object(context.get("campaign"))
+    for key, name in _CAMPAIGN_PROPERTIES:
+        value = _attribution_text(campaign.get(key))
+        if value is not None:
+            latest[name] = value
+    referrer = _attribution_text(_dig(context, ("page", "referrer")))
+    if referrer is not None:
+        latest["referrer"] = referrer
+    if not latest:
+        return {}
+    return {"$set": latest, "$setOnce": {f"initial_{name}": value for name, value in latest.items()}}
+
+
+def _attribution_text(value: Any) -> str | None:
+    """A campaign or referrer value as text (they come from a URL); None when empty or not a scalar."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return None
 
 
 def _library(context: Mapping[str, Any]) -> str | None:

@@ -109,6 +109,25 @@ def as_object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# Browser evidence: Segment's rule (library analytics.js -> platform "Web"), RudderStack's (channel
+# "web"), and a browser user agent, which is what any collector in front of a browser passes on.
+BROWSER_LIBRARIES = frozenset({"analytics.js", "analytics-next"})
+BROWSER_CHANNELS = frozenset({"web", "browser"})
+
+
+def is_browser_event(context: Mapping[str, Any], channel: Any) -> bool:
+    """The event came from a browser (not an app): the library, the channel or the user agent says
+    so (docs/MAPPINGS.md#amplitude). The UA enricher's device.type (desktop/mobile/tablet) is a form
+    factor and says nothing about it."""
+    library = as_object(context.get("library")).get("name")
+    user_agent = context.get("userAgent")
+    return (
+        (isinstance(library, str) and library in BROWSER_LIBRARIES)
+        or (isinstance(channel, str) and channel.lower() in BROWSER_CHANNELS)
+        or (isinstance(user_agent, str) and user_agent.startswith("Mozilla/"))
+    )
+
+
 def text_of(value: Any) -> str:
     """A name or id as text: strings as they are, anything else in its JSON spelling where it has one."""
     if isinstance(value, str):

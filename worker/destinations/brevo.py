@@ -6,7 +6,8 @@ https://developers.brevo.com/docs/how-it-works):
   https://developers.brevo.com/docs/event-endpoints): `event_name` (required, <= 255 characters,
   only letters, digits, `-` and `_`), `identifiers` (required, at least one of `email_id`, `ext_id`,
   `phone_id`, `contact_id` ...), `contact_properties` (attribute -> string/number/boolean),
-  `event_properties` (keys limited like event_name, 50 KB), `event_date` (ISO 8601). Answers 204
+  `event_properties` (keys limited like event_name, 50 KB), `event_date` (ISO 8601); we send
+  `email_id`, `ext_id` and `phone_id` (the SMS attribute, "SMS associated with the event"). Answers 204
   with no body. There is no idempotency key, so the Segment messageId travels as
   `event_properties.messageId` (what the stand-in dedupes on). `POST /v3/events/batch` exists but
   answers 202 and processes asynchronously, so per-event failures would never reach us.
@@ -197,8 +198,13 @@ class Brevo:
             identifiers["email_id"] = email
         if user_id := text_of(event.get("userId")):
             identifiers["ext_id"] = user_id
+        contact_properties = self._attributes(traits, "context.traits")
+        # A contact created from a phone alone (an identify with only `SMS`) is still that contact
+        # here: Brevo's identifiers take the SMS number as `phone_id`.
+        if phone := _phone(contact_properties.get("SMS")):
+            identifiers["phone_id"] = phone
         if not identifiers:
-            raise Skip("brevo events need a userId (ext_id) or an email (email_id)")
+            raise Skip("brevo events need a userId (ext_id), an email (email_id) or a phone (phone_id)")
         properties = dict(object_field(event, "properties"))
         if event.get("type") in ("page", "screen") and event.get("name"):
             properties.setdefault("name", event["name"])
@@ -209,7 +215,7 @@ class Brevo:
             "identifiers": identifiers,
             "event_properties": _clean_properties(properties),
         }
-        if contact_properties := self._attributes(traits, "context.traits"):
+        if contact_properties:
             payload["contact_properties"] = contact_properties
         if timestamp := event.get("timestamp"):
             payload["event_date"] = timestamp
@@ -315,6 +321,15 @@ def _attribute_number(value: Any, what: str) -> Any:
     if not math.isfinite(value):
         raise Unmappable(f"{what} must be a finite number, got {value!r}")
     return value
+
+
+def _phone(value: Any) -> str | None:
+    """The SMS attribute as Brevo's `phone_id` (a string): text as it is, a whole number as its digits."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _text(value: Any) -> str | None:

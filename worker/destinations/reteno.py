@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import Field, SecretStr
@@ -59,6 +59,7 @@ from worker.destinations.base import (
     as_object,
     classify_status,
     encoded_item,
+    is_browser_event,
     object_field,
     one_item_request,
     text_of,
@@ -94,8 +95,10 @@ class RetenoConfig(Section):
     # a trait name (`plan`), `userId`/`anonymousId`, or a dotted path into the event
     # (`context.location.city`, `traits.plan`). Field ids are per account, so there is no default.
     contact_fields: dict[str, int] = {}
-    # Reteno's guide (docs/MAPPINGS.md#reteno): "category": "MOBILE" is hard-coded and mandatory on device registration.
-    category: str = "MOBILE"
+    # Reteno's guide (docs/MAPPINGS.md#reteno): "category": "MOBILE" is hard-coded and mandatory on device
+    # registration. The API's enum (SDK `DeviceCategoryRemote`) is MOBILE | TABLET: anything else would
+    # have every device refused with a 400, so a typo stops the command at start instead.
+    category: Literal["MOBILE", "TABLET"] = "MOBILE"
     # The guide's contact payload names the app on the channel (`device.appId`); sent when set.
     app_id: str | None = None
     # Requests per second the sink keeps under (one item a request), from Reteno's documented limits.
@@ -167,7 +170,7 @@ def device_payload(event: SegmentEvent, category: str) -> dict[str, Any]:
     payload: dict[str, Any] = {"deviceId": text_of(device_id), "category": category}
     optional = {
         "externalUserId": event.get("userId"),
-        "osType": os_type(os_info.get("name")),
+        "osType": _app_os_type(event, context, device, os_info),
         "appVersion": app.get("version"),
         "osVersion": os_info.get("version"),
         "deviceModel": device.get("model"),
@@ -182,9 +185,29 @@ def os_type(os_name: Any) -> str | None:
     rather than refused with a 400."""
     if not isinstance(os_name, str):
         return None
-    upper = os_name.upper()
+    upper = os_name.strip().upper()
     upper = "IOS" if upper in ("IPADOS", "IPHONE OS") else upper
     return upper if upper in OS_TYPES else None
+
+
+def _app_os_type(
+    event: SegmentEvent, context: Mapping[str, Any], device: Mapping[str, Any], os_info: Mapping[str, Any]
+) -> str | None:
+    """osType for an app's device; None for a browser.
+
+    The guide's `os_name` is Amplitude's, which for a browser event is the browser ("Chrome",
+    "Mobile Safari": not IOS/ANDROID, so never an osType). Segment's context.os.name is the OS the
+    browser runs on (the UA enricher fills it), and would register a phone's browser as an iOS or
+    Android app device. A mobile SDK names its OS in device.type ("ios", "android"); without one, a
+    browser shows as analytics.js, channel web/browser or a `Mozilla/` user agent (the rule
+    docs/MAPPINGS.md#amplitude uses for platform `Web`).
+    """
+    from_device_type = os_type(device.get("type"))
+    if from_device_type is not None:
+        return from_device_type
+    if is_browser_event(context, event.get("channel")):
+        return None
+    return os_type(os_info.get("name"))
 
 
 def contact_payload(
