@@ -42,7 +42,7 @@ DEFAULTS_BUT_FAST_BACKOFF = {
     "SINK_MAX_ATTEMPTS": "12",
     "SINK_CIRCUIT_OPEN_AFTER": "5",
     "SINK_REQUEST_TIMEOUT": "10",
-    "SINK_LINGER_MS": "50",
+    "SINK_LINGER_MS": "5",
     # ... but a fast backoff,
     "SINK_BACKOFF_INITIAL": "0.05",
     "SINK_BACKOFF_MAX": "0.5",

@@ -11,6 +11,7 @@ import pytest
 from tests.kafka_helpers import crash_test_variables, read, read_count, settings_for, settle, setup_topics
 from tests.sink_helpers import DESTINATIONS, start_sink, track_events, write_events
 from worker.avro_codec import EventCodec
+from worker.destinations import registry
 from worker.dlq.headers import header_map
 from worker.kafka.broker import free_port
 
@@ -91,11 +92,20 @@ def test_exactly_once_through_a_429_storm_honouring_retry_after(settings, standi
     assert dead_letter_ids(settings, destination) == {}
 
 
+def slow(destination: str, events_per_second: int = 300) -> dict[str, str]:
+    """Settings that keep a sink busy for seconds, so a test can stop it mid-way: its rate limit
+    lowered where it has one, else one request at a time."""
+    config = registry.get(destination).config
+    if "events_per_second" in config.model_fields:
+        return {config.variable("events_per_second"): str(events_per_second)}
+    return {"SINK_CONCURRENCY": "1"}
+
+
 @pytest.mark.parametrize("destination", DESTINATIONS)
 def test_kill_9_mid_batch_then_restart_delivers_everything(broker, settings, standins, destination, tmp_path):
-    crash = crash_test_variables(broker)
+    crash = {**crash_test_variables(broker), **slow(destination)}
     events = track_events(1500)
-    # Slow enough to be caught mid-way: every request waits on a 10% error rate's retries.
+    # Slow enough to be caught mid-way: a low rate limit, and a 10% error rate's retries.
     standins.faults(destination, error_rate=0.1, seed=3)
     write_events(settings, destination, events)
     first = start_sink(settings, destination, standins, tmp_path, **crash)
@@ -216,7 +226,7 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(settings, standins, tmp_p
     events = track_events(3000)
     standins.faults("amplitude", error_rate=0.5, seed=11)
     write_events(settings, "amplitude", events)
-    first = start_sink(settings, "amplitude", standins, tmp_path)
+    first = start_sink(settings, "amplitude", standins, tmp_path, **slow("amplitude"))
     standins.wait_received("amplitude", 100)
     assert first.terminate() == 0  # drains what it can within its grace, commits, leaves the group
     assert len(standins.received("amplitude")) < len(events), "finished before the stop; nothing tested"
@@ -258,7 +268,17 @@ def test_a_wrong_api_key_is_retried_then_dead_lettered_and_never_written_out(set
     events = track_events(5)
     wrong_key = "wrong-key-0123456789abcdef"
     write_events(settings, "amplitude", events)
-    sink = start_sink(settings, "amplitude", standins, tmp_path, AMPLITUDE_API_KEY=wrong_key, SINK_MAX_ATTEMPTS="2")
+    # The circuit kept closed: a refused key opens it (the sink then pauses instead of spending
+    # the items' attempts, tested in test_sink_storms.py); here each item's 2 attempts are spent.
+    sink = start_sink(
+        settings,
+        "amplitude",
+        standins,
+        tmp_path,
+        AMPLITUDE_API_KEY=wrong_key,
+        SINK_MAX_ATTEMPTS="2",
+        SINK_CIRCUIT_OPEN_AFTER="1000",
+    )
     try:
         dead = wait_dead_letter_ids(settings, "amplitude", len(events))
     finally:

@@ -184,6 +184,14 @@ class Rig:
         self.strategy.submit(self.tracker.track([by_coordinates[c] for c in coordinates]))
 
     def committable(self) -> dict[int, int]:
+        """What may be committed once every write so far is acknowledged (the strategy confirms
+        a batch's writes on a later loop turn: poll as the loop does, until the queue is empty)."""
+        for _ in range(200):
+            self.strategy.poll()
+            if len(self.strategy.producer) == 0:
+                self.strategy.poll()
+                break
+            self.strategy.producer.poll(0.01)
         return {p: o for (_t, p), o in self.tracker.pop_committable().items()}
 
     def poll_until_committable(self, tries: int = 200) -> dict[int, int]:

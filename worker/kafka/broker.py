@@ -60,11 +60,14 @@ class EmbeddedBroker:
     """A Tansu process on loopback. Use as a context manager, or start()/stop()."""
 
     kind = "embedded"
-    # Client settings that exist only for this broker (docs/BROKERS.md): it rebalances in about
-    # half the session timeout, so tests and `demo` keep a group join near a second. Never defaults.
+    # Client settings that exist only for this broker (docs/BROKERS.md), never defaults users get:
+    # it rebalances in about half the session timeout, so tests and `demo` keep a group join near
+    # a second; and it answers a fetch only when the fetch's wait runs out (Apache Kafka answers as
+    # soon as data arrives), so librdkafka's 500 ms wait would add up to half a second to every hop.
     client_workarounds: ClassVar[dict[str, str]] = {
         "KAFKA_SESSION_TIMEOUT_MS": "2000",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "200",
+        "KAFKA_FETCH_WAIT_MAX_MS": "10",
     }
 
     def __init__(

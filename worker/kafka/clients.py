@@ -29,9 +29,14 @@ GROUP_CONSUMER_DEFAULTS = {
     "max.poll.interval.ms": "300000",
     # Per-partition lag for /metrics comes from librdkafka's statistics.
     "statistics.interval.ms": "5000",
-    # librdkafka prefetches up to 100k messages / 64 MB by default, and a paused partition's
-    # prefetched messages still arrive (the loop keeps them, in order): bound that, so a role that
-    # is refusing work (a sink whose destination is down) holds a bounded amount of memory.
+}
+
+# For a role that refuses work and pauses its partitions (a sink whose destination is down):
+# librdkafka prefetches up to 100k messages / 64 MB a consumer by default, and a paused partition's
+# prefetched messages still arrive (the loop keeps them, in order), so bound that to keep its memory
+# bounded. Only there: a role that never pauses (the normaliser) keeps librdkafka's prefetch, which
+# it needs for its throughput (this bound alone cost it a third). The user's KAFKA_QUEUED_* win.
+BOUNDED_PREFETCH = {
     "queued.min.messages": "10000",
     "queued.max.messages.kbytes": "16384",
 }
@@ -137,11 +142,15 @@ class KafkaClients:
 
     # -- consumers --------------------------------------------------------------------------------
 
-    def consumer_config(self, role: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """A group member's configuration: our defaults, the user's properties, then `overrides`.
-        Raises ConfigError for a classic-only property under `group.protocol=consumer`."""
+    def consumer_config(
+        self, role: str, overrides: Mapping[str, Any] | None = None, *, bounded_prefetch: bool = False
+    ) -> dict[str, Any]:
+        """A group member's configuration: our defaults (with BOUNDED_PREFETCH for a role that
+        pauses), the user's properties, then `overrides`. Raises ConfigError for a classic-only
+        property under `group.protocol=consumer`."""
         config = {
             **GROUP_CONSUMER_DEFAULTS,
+            **(BOUNDED_PREFETCH if bounded_prefetch else {}),
             **self._without(PRODUCER_ONLY),
             "group.id": self.group_id(role),
             **(overrides or {}),

@@ -84,9 +84,12 @@ class ConsumerLoop:
         poll_timeout: float = 0.5,
         drain_timeout: float = 20.0,
         overrides: dict[str, str] | None = None,
+        bounded_prefetch: bool = False,
     ) -> None:
-        """`role` names the consumer group (the clients' group prefix + role)."""
-        self.config: dict[str, Any] = {**clients.consumer_config(role, overrides), "stats_cb": self._on_stats}
+        """`role` names the consumer group (the clients' group prefix + role). A strategy that can
+        refuse work (Backpressure) wants `bounded_prefetch` (worker.kafka.clients.BOUNDED_PREFETCH)."""
+        config = clients.consumer_config(role, overrides, bounded_prefetch=bounded_prefetch)
+        self.config: dict[str, Any] = {**config, "stats_cb": self._on_stats}
         self.topics = topics
         self.strategy = strategy
         self.batch_size = batch_size
@@ -122,9 +125,21 @@ class ConsumerLoop:
                     # Still refused: keep serving the group protocol, take nothing new.
                     self._take(consumer.consume(self.batch_size, 0.05))
                     continue
-                self._take(consumer.consume(self.batch_size, self.poll_timeout))
+                self._take(self._available(consumer))
         finally:
             self._shutdown(consumer)
+
+    def _available(self, consumer: Consumer) -> list[Message]:
+        """What is there now, up to a batch; when nothing is, the first message to come and what
+        came with it. (`consume(n, timeout)` waits for n messages or the timeout: a slow input
+        would hold each message up to poll_timeout just to fill a batch.)"""
+        messages = consumer.consume(self.batch_size, 0)
+        if messages:
+            return messages
+        messages = consumer.consume(1, self.poll_timeout)
+        if messages and self.batch_size > 1:
+            messages.extend(consumer.consume(self.batch_size - 1, 0))
+        return messages
 
     def _take(self, messages: list[Message]) -> None:
         if not messages:

@@ -14,7 +14,7 @@ class SinkSettings(Section):
 
     concurrency: int = Field(default=8, gt=0)  # requests in flight per destination
     request_timeout: float = Field(default=10.0, gt=0)  # seconds for one HTTP request, connect to last byte
-    linger_ms: float = Field(default=50.0, ge=0)  # how long a partly filled request may wait for more items
+    linger_ms: float = Field(default=5.0, ge=0)  # how long a partly filled request may wait for more items
     max_buffered_events: int = Field(default=10_000, gt=0)  # beyond this the sink pauses its partitions
     # Items waiting behind a held user (a retry's backoff, a throttle) count apart from
     # max_buffered_events (so one slow heavy user does not pause everyone), up to this many of one

@@ -230,4 +230,5 @@ def build(config: Config, destination_name: str) -> ConsumerLoop:
         batch_size=config.settings.consume_batch_size,
         # A rebalance waits for this; a down destination must not stall the whole group for long.
         drain_timeout=min(10.0, sink.request_timeout * 2),
+        bounded_prefetch=True,  # it pauses while its destination is down: its memory stays bounded
     )
