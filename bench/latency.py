@@ -3,8 +3,9 @@
 Events are produced at a steady rate (default 2,000 events/s for 20 s) to `segment.raw`; each one
 carries the wall-clock time it was produced (`properties.bench_sent_ns`). The normaliser and the
 Amplitude sink run as their own processes with the settings a user gets (plus the broker's client
-workarounds) except Amplitude's rate limit, lifted; the sink's Amplitude base URL points at a receiver in this process, which answers
-as Amplitude's HTTP V2 API does (200 `{"code": 200, ...}`) and records when each event arrived.
+workarounds), except Amplitude's rate limit, lifted; the sink's Amplitude base URL points at a
+receiver in this process, which answers as Amplitude's HTTP V2 API does (200 `{"code": 200, ...}`)
+and records when each event arrived.
 The first seconds (the group joins, warm caches) are left out. Prints p50, p99 and max.
 
     .venv/bin/python bench/latency.py [--rate 2000] [--seconds 20] [--broker embedded|apache-kafka|both]

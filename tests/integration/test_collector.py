@@ -147,6 +147,8 @@ def test_unreachable_broker_gets_503_not_200(broker: EmbeddedBroker, prefix: str
         assert answer.status_code == 503
         assert answer.json()["code"] == "unavailable"
         assert 1.5 < waited < 15
+        # A page's analytics.js must be able to read the 503 (else it sees a network error).
+        assert answer.headers["Access-Control-Allow-Origin"] == "*"
         assert requests.get(f"{collector.url}/readyz", timeout=10).status_code == 503
         with pytest.raises(APIError) as refused:  # and the SDK sees a retryable status
             sdk_client(collector).track("u", "Lost?")

@@ -341,7 +341,8 @@ def test_a_client_that_is_slow_but_within_the_timeout_is_served(collector: Colle
 
 def nested(depth: int) -> bytes:
     """An event whose total nesting (its own object included) is `depth` levels."""
-    return b'{"userId": "deep", "event": "E", "properties": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    body = b'{"type": "track", "userId": "deep", "event": "E", "properties": '
+    return body + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
 
 
 def post(collector: CollectorThread, path: str, body: bytes, **headers: str) -> requests.Response:

@@ -1,5 +1,11 @@
 """The collector's aiohttp application: Segment's HTTP Tracking API and Jitsu's Segment endpoint.
 
+Routes (all in ROUTES): Segment's `/v1/<type>`, `/v1/batch`, `/v1/import`; the short paths the
+browser and mobile SDKs post to, `/v1/t|p|i|s|g|a` and `/v1/b`, also without `/v1`; Jitsu's
+`/api/v1/segment` and `/api/v1/segment/compat`, each also with `/v1/batch` and `/v1/<type>` after
+it. Each answers POST, and OPTIONS for a browser's CORS preflight (before any key check: a
+preflight carries none); every answer carries the CORS headers (`worker.collector.cors`).
+
 A request goes: write key (if carried outside the body), Content-Encoding and announced length,
 all from the headers alone -> bounded body (in size and time) -> gunzip -> JSON -> write key (if in
 the body) -> shape, stamps and limits -> one Kafka message an event, keyed by its user -> 200 only
@@ -12,8 +18,9 @@ that sent `Expect: 100-continue` is invited to send it. When the key can only be
 work done before it is checked is bounded: at most the payload limit read (an unencoded body) or
 COLLECTOR_MAX_BODY_BYTES read and the payload limit inflated (gzip), and one JSON parse.
 
-Every body gets a 2xx or 4xx: what cannot be read, decoded or stored unchanged is a 400 (401 when
-no key could be read). A 5xx means the broker did not acknowledge (503) or a bug of ours (500).
+Every body gets a 2xx or 4xx: what cannot be read, decoded or stored unchanged, or has an event
+without a `type` the normaliser knows, is a 400 (401 when no key could be read). A 5xx means the
+broker did not acknowledge (503) or a bug of ours (500).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from worker.collector import metrics
 from worker.collector.auth import WriteKeys, key_from_body, key_from_request
 from worker.collector.body import IDENTITY, check_length, content_encoding, decode_content, read_wire_body
 from worker.collector.client_ip import TrustedProxies, client_ip
+from worker.collector.cors import Cors
 from worker.collector.deadlines import HeadDeadlines
 from worker.collector.payloads import EVENT_TYPES, RawMessage, Shape, build_messages, decode_document, received_at_now
 from worker.collector.responses import (
@@ -60,17 +68,44 @@ class Route:
     ok_body: dict[str, Any]
 
 
-ROUTES: tuple[Route, ...] = (
-    *(Route(f"/v1/{event_type}", Shape.EVENT, event_type, SEGMENT_OK) for event_type in EVENT_TYPES),
-    Route("/v1/batch", Shape.BATCH, None, SEGMENT_OK),
-    Route("/v1/import", Shape.BATCH, None, SEGMENT_OK),  # Segment's older name for /v1/batch
-    # Jitsu's Segment-compatible endpoint takes one event or a `{"batch": [...]}` envelope.
-    Route("/api/v1/segment", Shape.EITHER, None, JITSU_OK),
-    # In Jitsu, `/compat` takes the same Segment JSON but maps it onto Jitsu's deprecated event
-    # structure (`eventn_ctx` fields) instead of its JS SDK 2.0 one, for users of the old events
-    # API. We keep Segment-spec events whatever the path, so here it is an alias.
-    Route("/api/v1/segment/compat", Shape.EITHER, None, JITSU_OK),
-)
+# analytics.js (analytics-next) posts each call to `<apiHost>/<first letter of its type>`, and its
+# batching mode and the mobile SDKs (analytics-swift, analytics-kotlin) post to `<apiHost>/b`,
+# where apiHost defaults to `api.segment.io/v1`: so `/v1/t`... for an apiHost that keeps the
+# `/v1`, and `/t`... for one given as the bare host.
+SHORT_TYPES = {event_type[0]: event_type for event_type in EVENT_TYPES}  # t p i s g a
+# What Jitsu's own server routes (jitsucom/jitsu server/routers/router.go), for Segment SDKs told
+# to use `https://HOST/api/v1/segment` as their host: the server SDKs (analytics-python, the
+# legacy analytics-node, analytics-go) append `/v1/batch` to it.
+JITSU_BASES = ("/api/v1/segment", "/api/v1/segment/compat")
+
+
+def _routes() -> tuple[Route, ...]:
+    segment = [
+        *(Route(f"/v1/{event_type}", Shape.EVENT, event_type, SEGMENT_OK) for event_type in EVENT_TYPES),
+        Route("/v1/batch", Shape.BATCH, None, SEGMENT_OK),
+        Route("/v1/import", Shape.BATCH, None, SEGMENT_OK),  # Segment's older name for /v1/batch
+    ]
+    for prefix in ("/v1", ""):
+        segment += [Route(f"{prefix}/{letter}", Shape.EVENT, kind, SEGMENT_OK) for letter, kind in SHORT_TYPES.items()]
+        segment.append(Route(f"{prefix}/b", Shape.BATCH, None, SEGMENT_OK))
+    jitsu = []
+    for base in JITSU_BASES:
+        # In Jitsu, `/compat` takes the same Segment JSON but maps it onto Jitsu's deprecated event
+        # structure (`eventn_ctx` fields) instead of its JS SDK 2.0 one, for users of the old events
+        # API. We keep Segment-spec events whatever the path, so here it is an alias.
+        jitsu += [
+            # Jitsu takes one event or a `{"batch": [...]}` envelope on both of its paths.
+            Route(base, Shape.EITHER, None, JITSU_OK),
+            Route(f"{base}/v1/batch", Shape.EITHER, None, JITSU_OK),
+            # Not Jitsu's (it has no typed paths), but what Segment's HTTP API documents under the
+            # same host, so a client written for it works with the Jitsu base too.
+            *(Route(f"{base}/v1/{event_type}", Shape.EVENT, event_type, JITSU_OK) for event_type in EVENT_TYPES),
+        ]
+    return (*segment, *jitsu)
+
+
+# Every tracking route, the one table: POST to handle, OPTIONS for browsers' preflights (cors.py).
+ROUTES: tuple[Route, ...] = _routes()
 
 
 class Collector:
@@ -240,15 +275,19 @@ HEAD_DEADLINES: web.AppKey[HeadDeadlines] = web.AppKey("head_deadlines", HeadDea
 
 def make_app(collector_settings: CollectorSettings, writer: RawWriter) -> web.Application:
     write_keys = WriteKeys(key.get_secret_value() for key in collector_settings.write_keys)
-    deadlines = HeadDeadlines(collector_settings.read_timeout_seconds)
+    cors = Cors(collector_settings.cors_origins)
+    deadlines = HeadDeadlines(collector_settings.read_timeout_seconds, cors.headers_without_request())
     trusted = TrustedProxies(collector_settings.trusted_proxies)
     collector = Collector(write_keys, trusted, writer, collector_settings, deadlines)
     # Bodies are read by `read_wire_body` with the collector's own bound; this is aiohttp's backstop.
     app = web.Application(client_max_size=collector_settings.max_body_bytes + 1, middlewares=[deadlines.middleware()])
     app[COLLECTOR] = collector
     app[HEAD_DEADLINES] = deadlines
+    # Every answer of the application, errors and aiohttp's 404/405 included, gets the CORS headers.
+    app.on_response_prepare.append(cors.add_headers)
     for route in ROUTES:
         app.router.add_post(route.path, collector.handler(route), expect_handler=collector.expect_handler(route))
+        app.router.add_route("OPTIONS", route.path, cors.preflight)
     app.router.add_get("/healthz", collector.healthz)
     app.router.add_get("/readyz", collector.readyz)
     app.router.add_get("/metrics", collector.metrics)

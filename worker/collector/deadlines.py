@@ -20,7 +20,7 @@ gets a 408 if it had sent part of a request, and is closed either way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -32,8 +32,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HeadDeadlines:
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, answer_headers: Mapping[str, str] | None = None) -> None:
         self.timeout = timeout
+        # Added to the 408 written here, outside aiohttp: the CORS headers that need no request
+        # (worker.collector.cors), so a page whose request stalled can read why.
+        self.answer_headers = dict(answer_headers or {})
         self._connections: dict[asyncio.BaseTransport, _Deadlined] = {}
 
     def wrap(self, factory: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
@@ -135,18 +138,20 @@ class _Deadlined(asyncio.Protocol):
             return
         metrics.READ_TIMEOUTS.labels("headers").inc()
         if self._partial and isinstance(transport, asyncio.WriteTransport):
-            transport.write(_timeout_answer(self._deadlines.timeout))
+            transport.write(_timeout_answer(self._deadlines.timeout, self._deadlines.answer_headers))
         transport.close()  # after the 408 is flushed
 
 
-def _timeout_answer(timeout: float) -> bytes:
+def _timeout_answer(timeout: float, headers: Mapping[str, str]) -> bytes:
     body = orjson.dumps(
         {"success": False, "code": "request_timeout", "message": f"request headers not received within {timeout:g}s"}
     )
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     head = (
         "HTTP/1.1 408 Request Timeout\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
         "Connection: close\r\n\r\n"
     )
     return head.encode() + body

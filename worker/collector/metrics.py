@@ -21,3 +21,9 @@ READ_TIMEOUTS = Counter(
     "Requests answered 408 (or connections closed) because the client sent headers or body too slowly",
     ["phase"],
 )
+PREFLIGHTS = Counter(
+    "segment_worker_collector_preflights_total",
+    "CORS preflights (OPTIONS) from browsers, by endpoint and whether the page's origin is allowed "
+    "(COLLECTOR_CORS_ORIGINS); allowed=false is a page whose posts the browser will block",
+    ["endpoint", "allowed"],
+)

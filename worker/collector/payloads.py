@@ -11,7 +11,8 @@ normaliser treats the event exactly as it would have inside the whole batch.
 
 Everything is checked before anything is written, and the limits are checked on the stamped
 bytes with the normaliser's own parser (`worker.segment.envelope.parse`), so a request answered
-200 is never dead-lettered later for its size or shape.
+200 is never dead-lettered later for its size or shape: nor for its `type`, which decides how the
+normaliser handles an event, so an event without one it knows is a 400 (`check_type`).
 
 What is stored is orjson's re-encoding of what orjson read, so a body is refused (400) when that
 round trip cannot keep it unchanged: JSON nested deeper than orjson writes (254 levels, where it
@@ -41,9 +42,8 @@ from worker.segment.envelope import (
     json_type,
     parse,
 )
+from worker.segment.event import EVENT_TYPES  # the normaliser's list: the one the type is checked against
 from worker.segment.timestamps import format_iso
-
-EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 
 
 class Shape(Enum):
@@ -138,6 +138,8 @@ def _event_message(event: dict[str, Any], event_type: str | None, received_at: s
         raise malformed("a `batch` array belongs on /v1/batch, not on a single-event endpoint")
     if event_type is not None:
         event["type"] = event_type  # Segment: the endpoint decides the type
+    else:
+        check_type(event)
     stamp(event, received_at, ip)
     value = encode(event)
     if len(value) > MAX_EVENT_BYTES:
@@ -147,6 +149,19 @@ def _event_message(event: dict[str, Any], event_type: str | None, received_at: s
     return RawMessage(value, key_of(event))
 
 
+def check_type(event: dict[str, Any], where: str = "") -> None:
+    """400 for an event whose `type` is not one the normaliser routes: it would be answered 200 and
+    then dead-lettered. Neither Segment nor Jitsu gives a missing type a default (Segment requires
+    it on every /v1/batch item; Jitsu stores the event typeless, which a Segment-spec pipeline
+    cannot), so none is guessed here. The message is the normaliser's own
+    (`worker.segment.validate.canonical`). Only the type is checked at the door: the other
+    per-event rules (a track's `event`, userId or anonymousId...) stay with the normaliser, which
+    dead-letters that one event with its reason rather than refusing its whole batch."""
+    kind = event.get("type")
+    if kind not in EVENT_TYPES:
+        raise malformed(f"{where}`type` must be one of {', '.join(EVENT_TYPES)}; got {str(kind)[:40]!r}")
+
+
 def _batch_messages(document: dict[str, Any], received_at: str, ip: str | None) -> list[RawMessage]:
     batch = document.get("batch")
     if not isinstance(batch, list):
@@ -154,6 +169,7 @@ def _batch_messages(document: dict[str, Any], received_at: str, ip: str | None) 
     for index, item in enumerate(batch):
         if not isinstance(item, dict):
             raise malformed(f"batch[{index}] must be an object, got {json_type(item)}")
+        check_type(item, f"batch[{index}]: ")
     document.pop(BODY_FIELD, None)
     if not batch:
         return []

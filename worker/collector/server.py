@@ -68,9 +68,7 @@ def serve_forever(config: Config, collector_settings: CollectorSettings, host: s
     asyncio.run(_serve_until_signalled(config, collector_settings, host, port))
 
 
-async def _serve_until_signalled(
-    config: Config, collector_settings: CollectorSettings, host: str, port: int
-) -> None:
+async def _serve_until_signalled(config: Config, collector_settings: CollectorSettings, host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
