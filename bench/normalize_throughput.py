@@ -1,11 +1,23 @@
-"""Normaliser throughput against a bare consume -> orjson loads/dumps -> produce loop, one broker, one run.
+"""Normaliser throughput against a bare loop and a plain-loop peer, on realistic traffic.
 
-Both run as their own process with one output per event (DESTINATIONS=amplitude), on the same
-200k realistic ~1.1 KB track events, and are timed the same way: by a reader process counting
-their output from the first message to the last. Prints both rates and their ratio; with
-`--broker both`, the whole measurement on each broker in turn, then one summary line per broker.
+The events (worker/samples.py `realistic_event`: ~1.5 KB analytics.js track events from 5,000
+users, each mostly on their own public IPv4, ~1,500 distinct user agents in a Zipf mix) are
+written once to a raw topic (6 partitions by default). Three consumers then read all of it, one
+after the other, each as its own process with one output per event, each timed the same way (a
+reader in this process counts its output from the first message to the last):
 
-    .venv/bin/python bench/normalize_throughput.py [--events 200000] [--broker embedded|apache-kafka|both]
+- bare: consume -> orjson loads/dumps -> produce, offsets stored after the flush (no Segment work);
+- plain: bench/plain_normaliser.py, the afternoon's loop: ids, skew, geo + UA behind lru_caches, JSON;
+- product: `segment-worker normalize` with DESTINATIONS=amplitude (validation, deterministic ids,
+  skew, identity map, geo + UA, routing, Avro encoding).
+
+Prints each rate, its ratio to the bare loop and product/plain; `--runs N` repeats the three side
+by side and ends with the medians. Then the product's geo and UA cache hit rates on this traffic,
+from its own Normaliser run in-process on the same events. `--broker both` does everything on the
+embedded broker, then on Apache Kafka, and ends with one summary line per broker.
+
+    .venv/bin/python bench/normalize_throughput.py [--events 200000] [--runs 1] [--partitions 6]
+        [--broker embedded|apache-kafka|both]
 """
 
 from __future__ import annotations
@@ -14,29 +26,56 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+from confluent_kafka import TopicPartition
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for brokers, this script's neighbour
 
 from brokers import add_broker_option, bench_config, broker_kinds, client_workarounds, describe, start_broker
 
-from worker.config import kafka_properties
+from worker.config import Settings, kafka_properties
+from worker.dlq.inspect import Ends
 from worker.kafka.admin import TopicSpec, create_topics
 from worker.kafka.broker import LoopbackBroker
 from worker.kafka.clients import KafkaClients
-from worker.kafka.reading import assign_all, read_batches_until_quiet
-from worker.samples import bench_event
+from worker.kafka.reading import read_batches_until_quiet
+from worker.normalize.geo import GeoEnricher
+from worker.normalize.identities import IdentityMap
+from worker.normalize.pipeline import Normaliser
+from worker.normalize.user_agent import UserAgentEnricher
+from worker.samples import REALISTIC_USERS, USER_AGENT_POOL, realistic_event
 from worker.topics import create_all
 
+REPO = Path(__file__).resolve().parent.parent
+PLAIN = Path(__file__).resolve().with_name("plain_normaliser.py")
+SEED = 7
+SIDES = ("bare", "plain", "product")
+LABELS = {
+    "bare": "bare     consume -> loads/dumps -> produce",
+    "plain": "plain    ids, skew, geo + UA (lru_cache), JSON",
+    "product": "product  segment-worker normalize (+ validation, identities, Avro)",
+}
 
-def bare_loop(bootstrap: str, source: str, target: str, total: int, broker_kind: str) -> None:
+
+def raw_events(count: int) -> Iterator[tuple[str, bytes]]:
+    """(key, value) of the bench's events: the same `count` events on every call (seeded)."""
+    rng = random.Random(SEED)
+    for n in range(count):
+        event = realistic_event(rng, n)
+        yield event["userId"], orjson.dumps(event)
+
+
+def bare_loop(bootstrap: str, source: str, target: str, total: int, broker_kind: str, group: str) -> None:
     """The baseline: the same at-least-once shape (store offsets after the write), no Segment work."""
     from confluent_kafka import Consumer as RdConsumer
     from confluent_kafka import Producer as RdProducer
@@ -44,7 +83,7 @@ def bare_loop(bootstrap: str, source: str, target: str, total: int, broker_kind:
     consumer = RdConsumer(
         {
             **kafka_properties(client_workarounds(broker_kind), bootstrap),  # what only this broker needs
-            "group.id": "bench-bare",
+            "group.id": group,
             "auto.offset.reset": "earliest",
             "enable.auto.offset.store": "false",
         }
@@ -62,9 +101,13 @@ def bare_loop(bootstrap: str, source: str, target: str, total: int, broker_kind:
     done = 0
     while done < total:
         messages = consumer.consume(1000, 0.5)
+        # One offset per partition: a batch spans several, and storing only the last message's
+        # would leave the others' progress unstored.
+        next_offsets: dict[tuple[str, int], int] = {}
         for message in messages:
             if message.error():
                 continue
+            next_offsets[(message.topic(), message.partition())] = message.offset() + 1
             event = orjson.loads(message.value())
             while True:
                 try:
@@ -74,19 +117,36 @@ def bare_loop(bootstrap: str, source: str, target: str, total: int, broker_kind:
                     producer.poll(0.05)
             done += 1
         producer.poll(0)
-        if messages:
+        if next_offsets:
             producer.flush()
-            consumer.store_offsets(messages[-1])
+            consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()])
     producer.flush()
     consumer.close()
 
 
-def count_rate(kafka: KafkaClients, topic: str, total: int, timeout: float) -> float:
-    """Events/s between the first and the last output message."""
+def end_offsets(kafka: KafkaClients, topic: str) -> list[TopicPartition]:
+    """Where `topic` ends now: a run counts only what its worker writes after this. Not the bare
+    high watermark: the embedded broker under-reports it after multi-message batches (a later run
+    would count the earlier run's output); `Ends.now` reads on from it to the real end."""
+    return [TopicPartition(topic, p, offset) for p, offset in sorted(Ends.now(kafka, topic).ends.items())]
+
+
+def timed(
+    kafka: KafkaClients,
+    topic: str,
+    total: int,
+    timeout: float,
+    start: Callable[[], subprocess.Popen[bytes]],
+    exits: bool = True,
+) -> float:
+    """Start a worker with `start()` and return its events/s between its first and last output
+    message on `topic`, counted by a reader assigned at the topic's end before the worker started.
+    A worker that `exits` by itself after `total` events is given time to; any other is stopped."""
     consumer = kafka.reader(f"bench-count-{topic}")
+    consumer.assign(end_offsets(kafka, topic))
+    worker = start()
     seen, first, last = 0, None, None
     try:
-        assign_all(consumer, [topic])
         # idle=None: stop only at `total` or the deadline (the output may not have started yet).
         for messages in read_batches_until_quiet(consumer, None, time.monotonic() + timeout, batch=5000):
             now = time.monotonic()
@@ -97,87 +157,160 @@ def count_rate(kafka: KafkaClients, topic: str, total: int, timeout: float) -> f
                 break
     finally:
         consumer.close()
+        try:
+            worker.wait(10 if exits and seen >= total else 0)
+        except subprocess.TimeoutExpired:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
     if seen < total or first is None or last is None or last == first:
         raise SystemExit(f"only {seen}/{total} output messages on {topic} within {timeout}s")
     return seen / (last - first)
 
 
-def measure(broker: LoopbackBroker, kind: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(bare events/s, normaliser events/s) on `broker`."""
+@dataclass
+class Rates:
+    bare: float
+    plain: float
+    product: float
+
+    def get(self, side: str) -> float:
+        return float(getattr(self, side))
+
+
+def print_rates(rates: Rates, indent: str = "  ") -> None:
+    for side in SIDES:
+        rate = rates.get(side)
+        print(f"{indent}{LABELS[side]:<70} {rate:>9,.0f} events/s  {rate / rates.bare:.2f}x bare")
+    print(f"{indent}product / plain: {rates.product / rates.plain:.2f}", flush=True)
+
+
+def median_rates(runs: list[Rates]) -> Rates:
+    """Each side's median rate (the ratios of medians, not medians of ratios)."""
+    return Rates(*(statistics.median(r.get(side) for r in runs) for side in SIDES))
+
+
+def measure(broker: LoopbackBroker, kind: str, args: argparse.Namespace) -> list[Rates]:
+    """`args.runs` rounds of bare, plain and product on `broker`, on one raw topic written once."""
     config = bench_config(broker, args.partitions)
     names = config.names
-    bare_topic = names.full_topic("bare")
+    bare_topic, plain_topic = names.full_topic("bare"), names.full_topic("plain")
     create_all(config)
-    create_topics(config.kafka.admin(), [TopicSpec(bare_topic, args.partitions, {})])
-    rng = random.Random(7)
-    producer = config.kafka.producer()
-    sizes = 0
-    for n in range(args.events):
-        event = bench_event(rng, n)
-        value = orjson.dumps(event)
-        sizes += len(value)
-        producer.produce(names.raw, value, event["userId"], lambda err, _m: None)
-    producer.flush(60)
-    print(f"{args.events} events, mean {sizes / args.events:.0f} bytes, {args.partitions} partitions")
+    create_topics(config.kafka.admin(), [TopicSpec(t, args.partitions, {}) for t in (bare_topic, plain_topic)])
+    producer = config.kafka.producer()  # the product's producer: murmur2 on the userId, as the README asks
+    size = 0
+    for key, value in raw_events(args.events):
+        size += len(value)
+        producer.produce(names.raw, value, key, lambda err, _m: None)
+    producer.flush(120)
+    print(
+        f"{args.events} events written once to {names.raw}: mean {size / args.events:.0f} bytes, "
+        f"{args.partitions} partitions, {REALISTIC_USERS} users, {len(USER_AGENT_POOL)} user agents in the mix"
+    )
 
-    here = os.path.abspath(__file__)
     env = {**os.environ, **config.sources}  # the sources carry the broker's client workarounds
-    bare = subprocess.Popen(
-        [
-            sys.executable,
-            here,
-            "--events",
-            str(args.events),
-            "--broker",
-            kind,
-            "--bare-worker",
-            broker.bootstrap_servers,
-            names.raw,
-            bare_topic,
-        ],
-        env=env,
-    )
-    try:
-        bare_rate = count_rate(config.kafka, bare_topic, args.events, 300)
-    finally:
-        bare.wait(60)
-    print(f"bare consume -> loads/dumps -> produce: {bare_rate:,.0f} events/s")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    bootstrap = broker.bootstrap_servers
+    extra = [f"{k}={v}" for k, v in kafka_properties(client_workarounds(kind), bootstrap).items()]
+    timeout = 300 + args.events / 500  # generous: the machine may be busy
+    here = os.path.abspath(__file__)
+    results: list[Rates] = []
+    for run in range(1, args.runs + 1):
+        load = os.getloadavg()[0]
+        print(f"run {run}/{args.runs} on {describe(kind)} (1-minute load {load:.1f} at the start):", flush=True)
 
-    worker_env = {**env, "DESTINATIONS": "amplitude"}
-    normaliser = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--log-level", "WARNING", "normalize"], env=worker_env
-    )
-    try:
-        normalise_rate = count_rate(config.kafka, names.dest("amplitude"), args.events, 300)
-    finally:
-        normaliser.terminate()
-        normaliser.wait(60)
-    print(f"normaliser (validate, ids, skew, geo, UA, route, Avro): {normalise_rate:,.0f} events/s")
-    print(f"ratio normaliser/bare: {normalise_rate / bare_rate:.2f}", flush=True)
-    return bare_rate, normalise_rate
+        def bare(run: int = run) -> subprocess.Popen[bytes]:
+            command = [here, "--events", str(args.events), "--broker", kind, "--group", f"bench-bare-{run}"]
+            return subprocess.Popen(
+                [sys.executable, *command, "--bare-worker", bootstrap, names.raw, bare_topic], env=env
+            )
+
+        def plain(run: int = run) -> subprocess.Popen[bytes]:
+            command = [str(PLAIN), bootstrap, names.raw, plain_topic, "--events", str(args.events)]
+            command += ["--group", f"bench-plain-{run}", *(f"-X{p}" for p in extra if not p.startswith("bootstrap."))]
+            return subprocess.Popen([sys.executable, *command], env=env)
+
+        def product(run: int = run) -> subprocess.Popen[bytes]:
+            # A fresh consumer group per run, so each run reads the raw topic from the start.
+            worker_env = {**env, "DESTINATIONS": "amplitude", "CONSUMER_GROUP_PREFIX": f"bench-run{run}-"}
+            return subprocess.Popen(
+                [sys.executable, "-m", "worker", "--log-level", "WARNING", "normalize"], env=worker_env
+            )
+
+        rates = Rates(
+            bare=timed(config.kafka, bare_topic, args.events, timeout, bare),
+            plain=timed(config.kafka, plain_topic, args.events, timeout, plain),
+            product=timed(config.kafka, names.dest("amplitude"), args.events, timeout, product, exits=False),
+        )
+        print_rates(rates)
+        results.append(rates)
+    if len(results) > 1:
+        print(f"median of {len(results)} runs on {describe(kind)}:")
+        print_rates(median_rates(results))
+    return results
+
+
+def cache_hit_rates(events: int) -> None:
+    """The product's geo and UA cache hit rates on the bench's events, from its own Normaliser
+    (sized as the worker's defaults) run in-process on the same events."""
+    defaults = Settings.model_fields
+    geo = GeoEnricher(None, defaults["ip_cache_size"].default)
+    agents = UserAgentEnricher(defaults["ua_cache_size"].default)
+    normaliser = Normaliser(["amplitude"], IdentityMap(defaults["identity_cache_size"].default), [geo, agents])
+    ips: set[str] = set()
+    user_agents: set[str] = set()
+    located = routed = 0
+    for offset, (_key, value) in enumerate(raw_events(events)):
+        result = normaliser.process(value, 0, "bench.raw", 0, offset)
+        for out in result.routed:
+            routed += 1
+            context = out.event["context"]
+            ips.add(context["ip"])
+            user_agents.add(context["userAgent"])
+            located += "location" in context
+    geo.close()
+    print(f"product caches on these {events} events (its Normaliser in-process, worker default sizes):")
+    for name, info, distinct in (
+        ("geo (IP)", geo.lookup.cache_info(), len(ips)),
+        ("UA", agents.parse.cache_info(), len(user_agents)),
+    ):
+        hits = info.hits / max(info.hits + info.misses, 1)
+        by_keys = 1 - distinct / max(routed, 1)
+        print(
+            f"  {name:<8} cache: {hits:.1%} hits ({info.hits:,} hits, {info.misses:,} misses, size {info.maxsize:,}; "
+            f"lru_cache counters); {distinct:,} distinct keys: 1 - distinct/events = {by_keys:.1%}"
+        )
+    print(f"  events with a location from the geo database: {located / max(routed, 1):.1%}")
+    print("  (the plain loop's two caches key on the same strings with the same size, so they hit alike)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=1, help="rounds of bare, plain and product; medians at the end")
+    parser.add_argument("--partitions", type=int, default=6)
     add_broker_option(parser)
     parser.add_argument("--bare-worker", nargs=3, metavar=("BOOTSTRAP", "SOURCE", "TARGET"))
+    parser.add_argument("--group", default="bench-bare", help=argparse.SUPPRESS)  # the bare worker's group
     args = parser.parse_args()
     if args.bare_worker:
         if args.broker == "both":
             parser.error("--bare-worker runs on one broker")
-        bare_loop(*args.bare_worker, args.events, args.broker)
+        bare_loop(*args.bare_worker, args.events, args.broker, args.group)
         return
 
+    print("plain and bare write JSON; the product also validates each event and encodes it as Avro.")
     log_dir = Path(tempfile.mkdtemp(prefix="normalize-bench-"))
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, Rates] = {}
     ok = False
     try:
         for kind in broker_kinds(args.broker):
             broker = start_broker(kind, log_dir)
             try:
-                results[kind] = measure(broker, kind, args)
+                results[kind] = median_rates(measure(broker, kind, args))
             finally:
                 broker.stop()
         ok = True
@@ -187,12 +320,15 @@ def main() -> None:
         else:
             print(f"broker logs kept in {log_dir}", file=sys.stderr)
     if len(results) > 1:
-        print("side by side (one run):")
-        for kind, (bare_rate, normalise_rate) in results.items():
+        print(f"side by side ({'medians of ' + str(args.runs) + ' runs' if args.runs > 1 else 'one run'}):")
+        for kind, rates in results.items():
             print(
-                f"  {describe(kind)}: bare {bare_rate:,.0f} events/s, normaliser {normalise_rate:,.0f} events/s, "
-                f"ratio {normalise_rate / bare_rate:.2f}"
+                f"  {describe(kind)}: bare {rates.bare:,.0f}, "
+                f"plain {rates.plain:,.0f} ({rates.plain / rates.bare:.2f}x), "
+                f"product {rates.product:,.0f} events/s ({rates.product / rates.bare:.2f}x bare, "
+                f"{rates.product / rates.plain:.2f}x plain)"
             )
+    cache_hit_rates(args.events)
 
 
 if __name__ == "__main__":
