@@ -19,6 +19,7 @@ from worker.config import Config, load_config
 from worker.config_loader import ConfigError
 from worker.destinations import registry
 from worker.names import RAW
+from worker.runtime import settle_gc
 
 # Exit code of a role refused at start-up for its configuration (as click's usage errors).
 CONFIG_EXIT_CODE = 2
@@ -156,6 +157,7 @@ def normalize(ctx: click.Context) -> None:
     health.serve(config.settings.metrics_port)
     _stop_on_signals(loop.stop)
     reader.start()
+    settle_gc()
     try:
         with _stopping_on_role_failure():
             loop.run()
@@ -190,6 +192,7 @@ def sink(ctx: click.Context, destination: str) -> None:
         loop = build(config, destination)
     health.serve(config.settings.metrics_port)
     _stop_on_signals(loop.stop)
+    settle_gc()
     with _stopping_on_role_failure():
         loop.run()
 
