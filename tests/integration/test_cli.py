@@ -90,3 +90,16 @@ def test_demo_runs_to_a_clean_summary():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "all sample events accounted for" in out.stdout
     assert "segment.dlq.raw: 3/3 poison messages dead-lettered" in out.stdout
+
+
+@pytest.mark.parametrize("role", [["sink", "amplitude"], ["normalize"]], ids=["sink", "normalize"])
+def test_a_role_whose_topics_are_missing_refuses_to_start_naming_them(broker, prefix, role):
+    # Before: a sink without its dead-letter topic ran until its first poison event, then exited on
+    # the failed write, and again after every restart. Now it refuses at start, in one line.
+    settings = settings_for(broker, prefix)
+    env = role_env(settings, AMPLITUDE_API_KEY="k" * 32)
+    result = run(role, env, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    missing_line = [line for line in result.stderr.splitlines() if "not on the broker" in line]
+    assert len(missing_line) == 1, result.stderr[-2000:]
+    assert f"{prefix}dlq." in missing_line[0] and "segment-worker topics create" in missing_line[0]

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from worker import logs
+from worker.config_loader import ConfigError
+
+log = logs.get(__name__)
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -55,3 +60,21 @@ def _wait_until_listed(admin: AdminClient, names: list[str], timeout: float) -> 
 def partition_counts(admin: AdminClient, timeout: float = 10.0) -> dict[str, int]:
     metadata = admin.list_topics(timeout=timeout)
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
+
+
+def require_topics(admin: AdminClient, names: list[str], timeout: float = 10.0) -> None:
+    """Refuse to start a role whose topics do not exist (ConfigError naming them and the fix), so a
+    missing dead-letter topic is one clear line at deploy time, not a crash at the first poison event,
+    again after every restart. A broker that cannot be reached within `timeout` is not a reason to
+    refuse: the role starts and librdkafka keeps trying, as it would later on."""
+    try:
+        topics = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        log.warning("could not check the topics exist; starting anyway", error=str(exc))
+        return
+    missing = [n for n in names if n not in topics or topics[n].error is not None]
+    if missing:
+        raise ConfigError(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            "not on the broker: run `segment-worker topics create` (with the same TOPIC_PREFIX)"
+        )

@@ -23,6 +23,7 @@ from worker.dlq.headers import Kind
 from worker.dlq.settings import DlqSettings
 from worker.dlq.writer import DeadLetterWriter
 from worker.health import HEALTH
+from worker.kafka.admin import require_topics
 from worker.kafka.clients import KafkaClients
 from worker.kafka.consumer_loop import ConsumerLoop
 from worker.kafka.offsets import Batch, TopicPartitionKey
@@ -323,6 +324,8 @@ class NormaliseStrategy:
 
 def build(config: Config) -> tuple[ConsumerLoop, IdentityTopicReader]:
     settings, names = config.settings, config.names
+    outputs = [names.dest(d) for d in settings.destinations]
+    require_topics(config.kafka.admin(), [names.raw, names.identities, names.dlq(RAW), *outputs])
     identities = IdentityMap(settings.identity_cache_size)
     reader = IdentityTopicReader(config.kafka, names.identities, identities)
     enrichers = [

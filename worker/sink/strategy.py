@@ -35,6 +35,7 @@ from worker.dlq.headers import Kind
 from worker.dlq.settings import DlqSettings
 from worker.dlq.writer import DeadLetterWriter
 from worker.health import HEALTH
+from worker.kafka.admin import require_topics
 from worker.kafka.clients import KafkaClients
 from worker.kafka.consumer_loop import Backpressure, ConsumerLoop
 from worker.kafka.offsets import Batch, TopicPartitionKey
@@ -221,6 +222,7 @@ def build(config: Config, destination_name: str) -> ConsumerLoop:
     """The sink for `destination_name`, configured from `config`; raises ConfigError on bad settings."""
     sink = config.sink()
     destination = config.destination(destination_name)
+    require_topics(config.kafka.admin(), [config.names.dest(destination_name), config.names.dlq(destination_name)])
     strategy = SinkStrategy(config.kafka, config.names, sink, destination, config.dlq())
     return ConsumerLoop(
         config.kafka,
