@@ -14,11 +14,18 @@ every role it starts (whose environment is built from `config.sources`) gets the
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from worker.config import Config
 from worker.kafka.apache_kafka import KAFKA_VERSION, ApacheKafkaBroker
 from worker.kafka.broker import EmbeddedBroker, LoopbackBroker, free_port
+
+T = TypeVar("T")
 
 BROKER_KINDS = ("embedded", "apache-kafka")
 PREFIX = "bench."
@@ -80,3 +87,28 @@ def bench_config(broker: LoopbackBroker, partitions: int, **variables: str) -> C
             **variables,
         }
     )
+
+
+def on_each_broker(choice: str, log_prefix: str, measure: Callable[[LoopbackBroker, Path], T]) -> dict[str, T]:
+    """`measure(broker, log_dir)` on a fresh broker of each kind `--broker choice` names, in order;
+    kind -> result. Logs go to a temporary folder, removed after a clean run, kept (and named on
+    stderr) after a failure."""
+    log_dir = Path(tempfile.mkdtemp(prefix=log_prefix))
+    results: dict[str, T] = {}
+    ok = False
+    try:
+        for kind in broker_kinds(choice):
+            kind_dir = log_dir / kind
+            kind_dir.mkdir()
+            broker = start_broker(kind, kind_dir)
+            try:
+                results[kind] = measure(broker, kind_dir)
+            finally:
+                broker.stop()
+        ok = True
+    finally:
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"logs kept in {log_dir}", file=sys.stderr)
+    return results

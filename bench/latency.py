@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers, this script's neighbour
 
-from brokers import add_broker_option, bench_config, broker_kinds, describe, start_broker
+from brokers import add_broker_option, bench_config, describe, on_each_broker
 
 from worker.config import Config
 from worker.kafka.broker import LoopbackBroker, free_port
@@ -154,23 +152,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=6)
     add_broker_option(parser)
     args = parser.parse_args()
-    log_dir = Path(tempfile.mkdtemp(prefix="latency-bench-"))
-    ok = False
-    try:
-        for kind in broker_kinds(args.broker):
-            kind_dir = log_dir / kind
-            kind_dir.mkdir()
-            broker = start_broker(kind, kind_dir)
-            try:
-                run_broker(broker, args, kind_dir)
-            finally:
-                broker.stop()
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {log_dir}", file=sys.stderr)
+    on_each_broker(args.broker, "latency-bench-", lambda broker, log_dir: run_broker(broker, args, log_dir))
 
 
 if __name__ == "__main__":

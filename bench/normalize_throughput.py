@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from confluent_kafka import TopicPartition
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for brokers, this script's neighbour
 
-from brokers import add_broker_option, bench_config, broker_kinds, client_workarounds, describe, start_broker
+from brokers import add_broker_option, bench_config, client_workarounds, describe, on_each_broker
 
 from worker.config import Settings, kafka_properties
 from worker.dlq.inspect import Ends
@@ -303,22 +301,9 @@ def main() -> None:
         return
 
     print("plain and bare write JSON; the product also validates each event and encodes it as Avro.")
-    log_dir = Path(tempfile.mkdtemp(prefix="normalize-bench-"))
-    results: dict[str, Rates] = {}
-    ok = False
-    try:
-        for kind in broker_kinds(args.broker):
-            broker = start_broker(kind, log_dir)
-            try:
-                results[kind] = median_rates(measure(broker, kind, args))
-            finally:
-                broker.stop()
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"broker logs kept in {log_dir}", file=sys.stderr)
+    results = on_each_broker(
+        args.broker, "normalize-bench-", lambda broker, _log_dir: median_rates(measure(broker, broker.kind, args))
+    )
     if len(results) > 1:
         print(f"side by side ({'medians of ' + str(args.runs) + ' runs' if args.runs > 1 else 'one run'}):")
         for kind, rates in results.items():

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers, this script's neighbour
 
-from brokers import GROUP_PREFIX, PREFIX, add_broker_option, bench_config, broker_kinds, describe, start_broker
+from brokers import GROUP_PREFIX, PREFIX, add_broker_option, bench_config, describe, on_each_broker
 
 from worker.config import Config
 from worker.destinations import registry
@@ -297,24 +295,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown destinations {unknown}; known: {', '.join(registry.names())}")
 
-    log_dir = Path(tempfile.mkdtemp(prefix="sink-bench-"))
-    results: dict[str, dict[str, Run]] = {}
-    ok = False
-    try:
-        for kind in broker_kinds(args.broker):
-            kind_dir = log_dir / kind
-            kind_dir.mkdir()
-            broker = start_broker(kind, kind_dir)
-            try:
-                results[kind] = run_broker(broker, destinations, args, kind_dir)
-            finally:
-                broker.stop()
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {log_dir}", file=sys.stderr)
+    results = on_each_broker(
+        args.broker, "sink-bench-", lambda broker, log_dir: run_broker(broker, destinations, args, log_dir)
+    )
     if len(results) > 1:
         print("side by side (one run):")
         for kind, runs in results.items():
