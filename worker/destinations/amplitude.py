@@ -312,6 +312,8 @@ class AmplitudeDestination:
 
     def _renamed(self, properties: Mapping[str, Any]) -> dict[str, Any]:
         mapping = self.config.property_mapping
+        if not mapping:  # the usual case: a plain copy (C), not a comprehension over every key
+            return dict(properties)
         return {mapping.get(key, key): value for key, value in properties.items()}
 
     # -- requests --------------------------------------------------------------------------------
