@@ -1,0 +1,724 @@
+"""The whole pipeline under load and faults, on a seeded schedule (issue 13).
+
+SDK-shaped traffic (identifies and tracks of several people, each with a per-person sequence number
+in its messageId, properties and traits; anonymous-only people too) goes partly through the
+collector (`segment-worker collect`, HTTP batches, one at a time as an SDK sends them) and partly
+straight to `segment.raw`, keyed by person; a few fixed poison bodies are mixed in. A normaliser
+group and a sink group for each of the four destinations run as real processes against the
+stand-ins. Meanwhile, on a schedule drawn from CHAOS_SEED:
+
+- normaliser and sink processes are killed with -9 and restarted;
+- one group is scaled 1 -> 2 -> 1 (SIGTERM for the way down);
+- every destination answers 5xx (and hangs into 504) at a rate, has a 429 storm and an outage
+  (503 to everything) of a few seconds each.
+
+Membership changes happen one at a time, each only once its group has settled (every live
+member's `segment_worker_assigned_partitions` > 0 and summing to the partition count): the
+embedded broker wedges a group a member leaves mid-rebalance (docs/BROKERS.md), which would be a
+broker defect, not the pipeline's.
+
+At the end, what each destination should have is computed from what the normaliser wrote to its
+topic, with the destination's own `map_event` (so a Skip, e.g. Brevo without a userId, is not
+counted as a loss), and checked:
+
+- every good event sent is on every destination topic (or dead-lettered by the normaliser);
+- every item a destination should accept is in its stand-in exactly once by dedupe key (the
+  stand-in suppresses and counts repeats), or dead-lettered with a reason; nothing else arrived;
+- the poison is dead-lettered with a reason;
+- each person's events arrived in sequence order at each destination (first arrivals; upserted
+  contacts and customers hold the person's last identify);
+- every role process is alive (those killed were restarted), and each group's committed offsets
+  are at the end of its input topic (no lag), then each stops cleanly on SIGTERM.
+
+A summary line reports the counts. CHAOS_SECONDS (default 40) and CHAOS_RATE (events/s, default
+100) make `make test` short and `make soak` long; CHAOS_SEED (default 13) draws the schedule and the
+traffic, and the same seed replays the same schedule (printed first, and in a failure's message).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import random
+import re
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import requests
+from confluent_kafka import Message, Producer, TopicPartition
+
+from tests.integration.test_collector import CollectorProcess
+from tests.kafka_helpers import crash_test_variables, role_env, settings_for, setup_topics, start_role
+from tests.sink_helpers import DESTINATIONS, Standins, metric_value, start_sink
+from worker.avro_codec import EventCodec
+from worker.config import Config
+from worker.destinations.base import Skip, Unmappable
+from worker.dlq.headers import header_map
+from worker.kafka.broker import LoopbackBroker, free_port
+from worker.kafka.reading import assign_all, read_batches_until_quiet
+from worker.names import sink_role
+from worker.processes import Role
+
+pytestmark = pytest.mark.integration
+# The subject is the pipeline's guarantees, not the broker: the first broker chosen is enough (and a
+# second leg would double the longest test of the suite).
+FIRST_BROKER_ONLY = True
+
+SECONDS = float(os.environ.get("CHAOS_SECONDS", "40"))
+RATE = float(os.environ.get("CHAOS_RATE", "100"))
+SEED = int(os.environ.get("CHAOS_SEED", "13"))
+
+PARTITIONS = 4
+PEOPLE = 24
+WRITE_KEY = "wk_chaos"
+NORMALIZE = "normalize"
+GROUPS = (NORMALIZE, *DESTINATIONS)
+# The stand-in record keys that are upserts (a contact, a customer, a device), not events: their
+# place in arrival order is the first write's, so order is checked on their final state instead.
+UPSERT_PREFIXES = ("contact:", "customer:", "device:")
+STORM_SECONDS = 3.0
+OUTAGE_SECONDS = 3.0
+# Rates of the background faults; injected timeouts hang longer than the sinks' request timeout.
+BASE_FAULTS = {"error_rate": 0.05, "timeout_rate": 0.01, "timeout_seconds": 3.0}
+SINK_ENV = {"SINK_REQUEST_TIMEOUT": "2"}  # CPU contention on 2 cores must not pass for a timeout
+SETTLE_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 60.0 + SECONDS / 10
+CODEC = EventCodec()
+PERSON = re.compile(r"(?:user|anon)-\d{3}")
+FIRST_NAME = re.compile(r"v(\d{7})")
+POISON_MARKER = re.compile(rb"poison-[a-z]+")
+MESSAGE_ID = re.compile(rb'"messageId": ?"([^"]+)"')
+
+
+# -- the schedule -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    at: float  # seconds after the traffic started
+    kind: str  # kill | scale-up | scale-down | storm | outage
+    group: str  # "normalize" or a destination
+
+    def __str__(self) -> str:
+        return f"{self.at:6.1f}s {self.kind} {self.group}"
+
+
+def schedule(seed: int, seconds: float) -> tuple[list[Action], list[Action]]:
+    """(membership changes, destination faults) drawn from `seed`: the same seed and length give the
+    same schedule. At least one kill of the normaliser, one of a sink and one 1 -> 2 -> 1 scaling."""
+    rng = random.Random(seed)
+    slots = max(5, int(seconds // 8))
+    kinds = ["kill-normalize", "kill-sink", "scale", "kill-sink"]
+    while len(kinds) + kinds.count("scale") < slots:
+        kinds.append(rng.choice(["kill-normalize", "kill-sink", "kill-sink", "scale"]))
+    rng.shuffle(kinds)
+    steps: list[tuple[str, str]] = []
+    for kind in kinds:
+        if kind == "scale":
+            group = rng.choice(GROUPS)
+            steps += [("scale-up", group), ("scale-down", group)]  # down as the next change: back to 1
+        else:
+            steps.append(("kill", NORMALIZE if kind == "kill-normalize" else rng.choice(DESTINATIONS)))
+    spacing = seconds * 0.85 / len(steps)
+    membership = [Action(round(spacing * (i + 0.5), 1), kind, group) for i, (kind, group) in enumerate(steps)]
+    # A storm and an outage for each destination in every two minutes (one each in a short run).
+    rounds = max(1, int(seconds // 120))
+    faults = [
+        Action(round((r + rng.uniform(0.1, 0.8)) * seconds / rounds, 1), kind, destination)
+        for r in range(rounds)
+        for destination in DESTINATIONS
+        for kind in ("storm", "outage")
+    ]
+    return membership, sorted(faults, key=lambda a: a.at)
+
+
+# -- the traffic --------------------------------------------------------------------------------------
+
+
+def person_of(number: int) -> str:
+    """Every eighth person is anonymous only (never identified): keyed by anonymousId."""
+    return f"anon-{number:03d}" if number % 8 == 7 else f"user-{number:03d}"
+
+
+def through_collector(number: int) -> bool:
+    return number % 3 == 0
+
+
+def event_for(seed: int, number: int, seq: int, rng: random.Random) -> dict[str, Any]:
+    person = person_of(number)
+    message_id = f"c{seed}-{person}-{seq:07d}"
+    ids: dict[str, str] = (
+        {"anonymousId": person} if person.startswith("anon") else {"userId": person, "anonymousId": f"dev-{number:03d}"}
+    )
+    if "userId" in ids and rng.random() < 0.2:
+        return {
+            "type": "identify",
+            **ids,
+            "messageId": message_id,
+            "traits": {"email": f"{person}@example.com", "firstName": f"v{seq:07d}", "seq": seq},
+        }
+    return {
+        "type": "track",
+        **ids,
+        "messageId": message_id,
+        "event": "Chaos Step",
+        "properties": {"seq": seq, "value": 1, "plan": "pro"},
+        "context": {"ip": "81.2.69.142", "library": {"name": "analytics-python", "version": "2.3.3"}},
+    }
+
+
+# Fixed poison, straight to segment.raw: each body carries a marker to find its dead letter by.
+POISON = [
+    ("user-poison", b'{"type": "track", "userId": "user-poison", "messageId": "poison-badjson", "event": '),
+    ("user-poison", b'{"userId": "user-poison", "messageId": "poison-notype", "event": "No Type"}'),
+    ("user-poison", b'{"type": "track", "userId": "user-poison", "messageId": "poison-noevent", "properties": {}}'),
+    ("user-poison", b'{"type": "bogus", "userId": "user-poison", "messageId": "poison-badtype"}'),
+]
+
+
+def marker_of(body: bytes) -> str:
+    found = POISON_MARKER.search(body)
+    assert found is not None
+    return found.group(0).decode()
+
+
+@dataclass
+class Traffic:
+    """What was sent: every good event by messageId, in each person's sequence."""
+
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    via_collector: int = 0
+    via_raw: int = 0
+    collector_retries: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def run_traffic(settings: Config, collector_url: str, traffic: Traffic, stop: threading.Event) -> None:
+    """CHAOS_RATE events a second for CHAOS_SECONDS, in 0.1 s ticks; poison at a quarter, half and
+    three quarters of the way. Collector people's events go through a sender thread that posts one
+    batch at a time and resends a refused one (as an SDK does; duplicates are deduplicated)."""
+    rng = random.Random(SEED * 7919)
+    sequences = Counter[int]()
+    outbox: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
+    sender = threading.Thread(target=send_batches, args=(collector_url, outbox, traffic, stop), daemon=True)
+    sender.start()
+    producer = Producer(settings.kafka.producer_config())
+    raw = settings.names.raw
+    started = time.monotonic()
+    ticks = int(SECONDS * 10)
+    poison_at = {ticks // 4, ticks // 2, 3 * ticks // 4}
+    owed = 0.0
+    try:
+        for tick in range(ticks):
+            if stop.is_set():
+                break
+            owed += RATE / 10
+            batch: list[dict[str, Any]] = []
+            for _ in range(int(owed)):
+                number = rng.randrange(PEOPLE)
+                sequences[number] += 1
+                event = event_for(SEED, number, sequences[number], rng)
+                traffic.events[event["messageId"]] = event
+                if through_collector(number):
+                    batch.append(event)
+                else:
+                    producer.produce(raw, orjson.dumps(event), person_of(number))
+                    traffic.via_raw += 1
+            owed -= int(owed)
+            if tick in poison_at:
+                for key, body in POISON:
+                    producer.produce(raw, body, key)
+            if batch:
+                outbox.put(batch)
+            producer.poll(0)
+            time.sleep(max(0.0, started + (tick + 1) / 10 - time.monotonic()))
+        if producer.flush(60):
+            traffic.errors.append("the raw producer did not flush in 60 s")
+    finally:
+        outbox.put(None)
+        sender.join(120)
+
+
+def send_batches(
+    url: str, outbox: queue.Queue[list[dict[str, Any]] | None], traffic: Traffic, stop: threading.Event
+) -> None:
+    with requests.Session() as session:
+        while (batch := outbox.get()) is not None:
+            for attempt in range(20):
+                try:
+                    status = session.post(f"{url}/v1/batch", json={"batch": batch}, auth=(WRITE_KEY, ""), timeout=30)
+                    if status.status_code == 200:
+                        traffic.via_collector += len(batch)
+                        break
+                except requests.RequestException:
+                    pass
+                traffic.collector_retries += 1
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+            else:
+                traffic.errors.append(f"the collector refused a batch 20 times ({len(batch)} events)")
+            if stop.is_set():
+                return
+
+
+# -- the roles ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    role: Role
+    port: int
+
+
+class Group:
+    """The processes of one role (the normaliser, or one destination's sink), each with /metrics."""
+
+    def __init__(self, name: str, start: Any) -> None:
+        self.name = name
+        self._start = start  # (metrics port) -> Role
+        self.members: list[Member] = []
+        self.killed = 0
+
+    def add(self) -> None:
+        port = free_port()
+        self.members.append(Member(self._start(port), port))
+
+    def assigned(self) -> list[float | None]:
+        return [metric_value(m.port, "segment_worker_assigned_partitions") for m in self.members]
+
+    def settled(self) -> bool:
+        counts = self.assigned()
+        return all(c is not None and c > 0 for c in counts) and sum(c or 0 for c in counts) == PARTITIONS
+
+    def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Until every member holds partitions and together all of them, twice 0.5 s apart."""
+        deadline = time.monotonic() + timeout
+        stable = 0
+        while stable < 2:
+            dead = [m.role.log_path for m in self.members if not m.role.alive()]
+            if dead:
+                raise AssertionError(f"{self.name}: a member exited: {dead}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not settle in {timeout}s (wedged?): assigned {self.assigned()}")
+            stable = stable + 1 if self.settled() else 0
+            time.sleep(0.5)
+
+    def kill_and_restart(self, rng: random.Random, session_timeout: float) -> None:
+        victim = self.members.pop(rng.randrange(len(self.members)))
+        victim.role.kill()
+        self.killed += 1
+        # The dead member leaves the group when its session times out; the replacement joins after
+        # that, so no member leaves while the group rebalances (the embedded broker's wedge).
+        time.sleep(session_timeout * 1.5 + 0.5)
+        self.add()
+
+    def scale_down(self) -> None:
+        newest = self.members.pop()
+        code = newest.role.terminate()
+        assert code == 0, f"{self.name}: a member stopped with {code}: {newest.role.log_path}"
+
+    def all_alive(self) -> bool:
+        return bool(self.members) and all(m.role.alive() for m in self.members)
+
+    def terminate(self) -> list[int]:
+        codes = [m.role.terminate() for m in self.members]
+        self.members.clear()
+        return codes
+
+
+# -- reading back -------------------------------------------------------------------------------------
+
+
+def read_all(settings: Config, topic: str, idle: float = 2.0, timeout: float = 300.0) -> list[Message]:
+    """Every message of a topic, once none has arrived for `idle` seconds."""
+    consumer = settings.kafka.reader("chaos-reader")
+    try:
+        assign_all(consumer, [settings.names.full_topic(topic)])
+        seen: list[Message] = []
+        for messages in read_batches_until_quiet(consumer, idle, time.monotonic() + timeout, batch=5000):
+            seen.extend(messages)
+        return seen
+    finally:
+        consumer.close()
+
+
+def ends(messages: list[Message]) -> dict[int, int]:
+    """Each partition's end offset, as seen by reading (the embedded broker's high watermark can be
+    wrong after a multi-message batch, docs/ARCHITECTURE.md; offsets read cannot)."""
+    found = dict.fromkeys(range(PARTITIONS), 0)
+    for message in messages:
+        found[message.partition()] = max(found[message.partition()], message.offset() + 1)
+    return found
+
+
+def committed(settings: Config, role: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets, read without joining it (committed() only)."""
+    consumer = settings.kafka.consumer(role)
+    try:
+        full = settings.names.full_topic(topic)
+        found = consumer.committed([TopicPartition(full, p) for p in range(PARTITIONS)], timeout=10)
+        return {tp.partition: max(tp.offset, 0) for tp in found}
+    finally:
+        consumer.close()
+
+
+def wait_caught_up(settings: Config, role: str, topic: str, end: dict[int, int], timeout: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout
+    lag = {p: end[p] - c for p, c in committed(settings, role, topic).items()}
+    while any(lag.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        lag = {p: end[p] - c for p, c in committed(settings, role, topic).items()}
+    return lag
+
+
+def quiet_received(standins: Standins, destination: str, quiet: float = 2.0, timeout: float = 60.0) -> dict[str, Any]:
+    """What the stand-in holds once its count and duplicates have not changed for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    stats = standins.stats(destination)
+    since = time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = standins.stats(destination)
+        if (now["received"], now["duplicates"], now["requests"]) != (
+            stats["received"],
+            stats["duplicates"],
+            stats["requests"],
+        ):
+            stats, since = now, time.monotonic()
+    return standins.received(destination)
+
+
+def inversions(sequence: list[int]) -> int:
+    return sum(1 for before, after in itertools.pairwise(sequence) if after < before)
+
+
+# -- the test -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(broker: LoopbackBroker, prefix: str) -> Config:
+    settings = settings_for(broker, prefix, partitions=PARTITIONS, **crash_test_variables(broker))
+    setup_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def groups(settings: Config, clean_standins: Standins, tmp_path: Path) -> Iterator[dict[str, Group]]:
+    def normaliser(port: int) -> Role:
+        return start_role(settings, [NORMALIZE], tmp_path, METRICS_PORT=str(port))
+
+    def sink_of(destination: str) -> Any:
+        return lambda port: start_sink(
+            settings, destination, clean_standins, tmp_path, METRICS_PORT=str(port), **SINK_ENV
+        )
+
+    running = {NORMALIZE: Group(NORMALIZE, normaliser)} | {d: Group(d, sink_of(d)) for d in DESTINATIONS}
+    try:
+        for group in running.values():
+            group.add()
+        for group in running.values():
+            group.wait_settled()
+        yield running
+    finally:
+        for group in running.values():
+            group.terminate()
+
+
+# The suite's default timeout is for short tests: this one takes the traffic's length, plus start-up,
+# settling and the drain.
+@pytest.mark.timeout(int(SECONDS * 1.5 + 300))
+def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outages(
+    settings: Config, clean_standins: Standins, groups: dict[str, Group], tmp_path: Path
+) -> None:
+    standins = clean_standins
+    membership, destination_faults = schedule(SEED, SECONDS)
+    plan = "\n".join(map(str, sorted(membership + destination_faults, key=lambda a: a.at)))
+    print(f"\nchaos: seed {SEED}, {SECONDS:g} s at {RATE:g} events/s, schedule:\n{plan}")
+    session_timeout = int(settings.sources.get("KAFKA_SESSION_TIMEOUT_MS", "6000")) / 1000
+    rng = random.Random(SEED * 31)
+    seeds = {d: rng.randrange(1 << 30) for d in DESTINATIONS}
+    for destination in DESTINATIONS:
+        standins.faults(destination, **BASE_FAULTS, seed=seeds[destination])
+
+    collector = CollectorProcess(role_env(settings, COLLECTOR_WRITE_KEYS=WRITE_KEY), tmp_path / "collect.log")
+    traffic = Traffic()
+    stop = threading.Event()
+    done: list[str] = []
+    changed = 0
+    started = time.monotonic()
+    sender = threading.Thread(target=run_traffic, args=(settings, collector.url, traffic, stop), daemon=True)
+    faulter = threading.Thread(
+        target=inject_faults, args=(standins, destination_faults, seeds, started, stop, done), daemon=True
+    )
+    problems: list[str] = []
+    summary: dict[str, Any] = {"faults": {}}
+    try:
+        sender.start()
+        faulter.start()
+        try:
+            for action in membership:
+                time.sleep(max(0.0, started + action.at - time.monotonic()))
+                group = groups[action.group]
+                if action.kind == "kill":
+                    group.kill_and_restart(rng, session_timeout)
+                elif action.kind == "scale-up":
+                    group.add()
+                else:
+                    group.scale_down()
+                group.wait_settled()
+                done.append(f"{time.monotonic() - started:6.1f}s {action.kind} {action.group} (settled)")
+                changed += 1
+        except AssertionError as failure:
+            problems.append(f"membership schedule broke off: {failure}")
+        sender.join(SECONDS + 180)
+        stop.set()
+        faulter.join(30)
+        for destination in DESTINATIONS:  # the end of the chaos: the destinations are healthy again
+            standins.faults(destination, seed=seeds[destination])
+        problems += [f"traffic: {error}" for error in traffic.errors]
+        if sender.is_alive():
+            problems.append("the traffic did not finish")
+        summary, found = check(settings, standins, groups, traffic, collector)
+        problems += found
+    finally:
+        stop.set()
+        collector_code = collector.terminate()
+    if collector_code != 0:
+        problems.append(f"the collector stopped with {collector_code}")
+    for name, group in groups.items():
+        codes = group.terminate()
+        if codes != [0] * len(codes):
+            problems.append(f"{name} stopped with {codes} on SIGTERM")
+    summary["faults"]["scheduled"] = dict(Counter(f"{a.kind} {a.group}" for a in membership + destination_faults))
+    summary["faults"]["membership changes done"] = changed
+    summary["faults"]["fault changes done"] = len(done) - changed
+    line = "chaos summary: " + json.dumps({"seed": SEED, "seconds": SECONDS, "rate": RATE, **summary}, sort_keys=False)
+    print(line)
+    assert not problems, (
+        f"seed {SEED} (replay: CHAOS_SEED={SEED} CHAOS_SECONDS={SECONDS:g} CHAOS_RATE={RATE:g}):\n"
+        + "\n".join(problems[:40])
+        + f"\n{line}\nschedule:\n{plan}\ndone:\n"
+        + "\n".join(done)
+    )
+
+
+def inject_faults(
+    standins: Standins,
+    actions: list[Action],
+    seeds: dict[str, int],
+    started: float,
+    stop: threading.Event,
+    done: list[str],
+) -> None:
+    """Each storm and outage at its time, for its few seconds, over the background faults. A
+    destination's faults are set whole, so what is on is recomputed from the windows open now."""
+    windows = [
+        (started + a.at, started + a.at + (STORM_SECONDS if a.kind == "storm" else OUTAGE_SECONDS), a) for a in actions
+    ]
+    changes = sorted({t for start, end, _a in windows for t in (start, end)})
+    for moment in changes:
+        if stop.wait(max(0.0, moment - time.monotonic())):
+            return
+        now = time.monotonic()
+        for destination in DESTINATIONS:
+            open_now = [a.kind for start, end, a in windows if a.group == destination and start <= now < end]
+            faults: dict[str, Any] = {**BASE_FAULTS, "seed": seeds[destination]}
+            if "outage" in open_now:
+                faults["down"] = True
+            if "storm" in open_now:
+                faults |= {"status_storm": 429, "retry_after": 0.5}
+            standins.faults(destination, **faults)
+        done.append(
+            f"{now - started:6.1f}s faults now: "
+            + ", ".join(f"{a.kind} {a.group}" for s, e, a in windows if s <= now < e)
+        )
+
+
+def check(
+    settings: Config, standins: Standins, groups: dict[str, Group], traffic: Traffic, collector: CollectorProcess
+) -> tuple[dict[str, Any], list[str]]:
+    """Every promise, checked once the pipeline has drained; returns (summary, problems)."""
+    problems: list[str] = []
+    for name, group in groups.items():
+        if not group.all_alive():
+            problems.append(f"{name}: a process is not alive: {[m.role.log_path for m in group.members]}")
+    if not collector.role.alive():
+        problems.append("the collector is not alive")
+
+    # The normaliser's group at the end of segment.raw, then each sink's at the end of its topic.
+    raw = read_all(settings, "raw")
+    lag = {NORMALIZE: wait_caught_up(settings, NORMALIZE, "raw", ends(raw), DRAIN_TIMEOUT)}
+    dead_raw = read_all(settings, "dlq.raw", idle=1.0)
+    topics = {d: read_all(settings, f"dest.{d}") for d in DESTINATIONS}
+    for destination in DESTINATIONS:
+        lag[destination] = wait_caught_up(
+            settings, sink_role(destination), f"dest.{destination}", ends(topics[destination]), DRAIN_TIMEOUT
+        )
+    for name, behind in lag.items():
+        if any(behind.values()):
+            problems.append(f"{name}: lag {behind} after {DRAIN_TIMEOUT:g}s")
+
+    # The poison: dead-lettered by the normaliser with a reason, or passed on (then a destination
+    # dead-letters or skips it below, by its own mapping).
+    raw_reasons: dict[str, str] = {}
+    for message in dead_raw:
+        if marker := POISON_MARKER.search(message.value() or b""):
+            raw_reasons[marker.group(0).decode()] = header_map(message.headers()).get("error", "")
+    on_topics = {e["messageId"] for d in DESTINATIONS for e in decoded(topics[d])}
+    for _key, body in POISON:
+        name = marker_of(body)
+        if name in raw_reasons:
+            if not raw_reasons[name]:
+                problems.append(f"poison {name} dead-lettered without a reason")
+        elif name not in on_topics:
+            problems.append(f"poison {name} neither dead-lettered nor passed on")
+    dead_raw_ids = {m.group(1).decode() for message in dead_raw if (m := MESSAGE_ID.search(message.value() or b""))}
+
+    summary: dict[str, Any] = {
+        "sent": len(traffic.events),
+        "via collector": traffic.via_collector,
+        "via raw": traffic.via_raw,
+        "collector resends": traffic.collector_retries,
+        "poison sent": len(POISON) * 3,
+        "dead-lettered raw": len(dead_raw),
+        "destinations": {},
+        "lag": {name: sum(behind.values()) for name, behind in lag.items()},
+        "killed": {name: group.killed for name, group in groups.items() if group.killed},
+        "faults": {},
+    }
+    last_identify: dict[str, int] = {}
+    for event in traffic.events.values():
+        if event["type"] == "identify":
+            last_identify[event["userId"]] = max(last_identify.get(event["userId"], 0), event["traits"]["seq"])
+    statuses: Counter[str] = Counter()
+    for destination in DESTINATIONS:
+        events = decoded(topics[destination])
+        missing_on_topic = set(traffic.events) - {e["messageId"] for e in events} - dead_raw_ids
+        if missing_on_topic:
+            problems.append(
+                f"{destination}: {len(missing_on_topic)} sent events never reached its topic: {sorted(missing_on_topic)[:5]}"
+            )
+        wrong_key = [
+            e["messageId"] for e, key in keyed(topics[destination]) if key != (e.get("userId") or e.get("anonymousId"))
+        ]
+        if wrong_key:
+            problems.append(f"{destination}: {len(wrong_key)} events keyed by someone else: {wrong_key[:5]}")
+        mapping = settings.destination(destination, require_key=False)  # mapping is pure: no key needed
+        expected: dict[str, tuple[str, int]] = {}  # dedupe key -> (person, seq)
+        unmappable: set[str] = set()
+        skipped = 0
+        for event in events:
+            try:
+                items = mapping.map_event(event)
+            except Skip:
+                skipped += 1
+                continue
+            except Unmappable:
+                unmappable.add(event["messageId"])
+                continue
+            origin = traffic.events.get(event["messageId"])
+            for item in items:
+                if not item.dedupe_id.startswith(UPSERT_PREFIXES) and keyed_by_dedupe_id(destination, item.endpoint):
+                    expected[item.dedupe_id] = (person_key(origin or event), seq_of(origin))
+        received = quiet_received(standins, destination)
+        stats = standins.stats(destination)
+        statuses.update({f"{destination} {code}": n for code, n in stats["statuses"].items() if code != "200"})
+        events_received = [key for key in received if not key.startswith(UPSERT_PREFIXES)]
+        dead = {
+            CODEC.decode(m.value())[0]["messageId"]: header_map(m.headers())
+            for m in read_all(settings, f"dlq.{destination}", idle=1.0)
+        }
+        unexpected = set(events_received) - set(expected)
+        lost = set(expected) - set(events_received) - set(dead)
+        if unexpected:
+            problems.append(
+                f"{destination}: {len(unexpected)} arrived that nothing asked for: {sorted(unexpected)[:5]}"
+            )
+        if lost:
+            problems.append(
+                f"{destination}: {len(lost)} LOST (neither delivered nor dead-lettered): {sorted(lost)[:5]}"
+            )
+        if missing := unmappable - set(dead):
+            problems.append(f"{destination}: {len(missing)} unmappable events not dead-lettered: {sorted(missing)[:5]}")
+        if reasonless := [key for key, headers in dead.items() if not headers.get("error")]:
+            problems.append(f"{destination}: dead letters without a reason: {reasonless[:5]}")
+        good_dead = sorted(set(dead) & set(traffic.events))
+        # Order: each person's sequence numbers in the order their events first arrived.
+        arrived: dict[str, list[int]] = defaultdict(list)
+        for key in events_received:
+            if key in expected and expected[key][1] >= 0:
+                arrived[expected[key][0]].append(expected[key][1])
+        inverted = {who: inversions(seqs) for who, seqs in arrived.items() if inversions(seqs)}
+        if inverted:
+            problems.append(f"{destination}: people with events out of order: {inverted}")
+        # Upserts keep the last write: a contact or customer with a firstName holds the last identify.
+        stale = {}
+        for key, item in received.items():
+            if key.startswith(UPSERT_PREFIXES):
+                text = json.dumps(item)
+                who, version = PERSON.search(text), FIRST_NAME.search(text)
+                if who and version and int(version.group(1)) != last_identify.get(who.group(0)):
+                    stale[key] = (int(version.group(1)), last_identify.get(who.group(0)))
+        if stale:
+            problems.append(f"{destination}: upserts not holding the person's last identify (held, last): {stale}")
+        summary["destinations"][destination] = {
+            "expected": len(expected),
+            "delivered": len(set(events_received) & set(expected)),
+            "upserts": len(received) - len(events_received),
+            "skipped": skipped,
+            "dead-lettered": len(dead),
+            "good dead-lettered": len(good_dead),
+            # The stand-in's count: a repeat of an event key, or an upsert identical to what it holds
+            # (Reteno's device record is the same on each identify, so it counts one per identify).
+            "duplicates suppressed": stats["duplicates"],
+            # Records the normaliser wrote again after a kill -9 (redone from its last commit).
+            "redone on topic": len(topics[destination]) - len(events),
+            "inversions": sum(inverted.values()),
+            "stale upserts": len(stale),
+            "requests": stats["requests"],
+        }
+        if good_dead:
+            problems.append(
+                f"{destination}: {len(good_dead)} good events dead-lettered under transient faults, e.g. "
+                f"{good_dead[0]}: {dead[good_dead[0]]}"
+            )
+    summary["faults"] = {"responses": dict(statuses)}
+    return summary, problems
+
+
+def decoded(messages: list[Message]) -> list[dict[str, Any]]:
+    """A destination topic's events, each messageId once (a normaliser redoing after a kill -9 writes
+    some again: at-least-once into Kafka)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for message in messages:
+        event = CODEC.decode(message.value())[0]
+        seen.setdefault(event["messageId"], event)
+    return list(seen.values())
+
+
+def keyed(messages: list[Message]) -> Iterator[tuple[dict[str, Any], str]]:
+    for message in messages:
+        yield CODEC.decode(message.value())[0], (message.key() or b"").decode()
+
+
+def keyed_by_dedupe_id(destination: str, endpoint: str) -> bool:
+    """The endpoints whose stand-in records items by the item's dedupe id (its events)."""
+    return endpoint in {"amplitude": {"events"}, "amberflo": {"ingest"}}.get(destination, {"events"})
+
+
+def person_key(event: dict[str, Any]) -> str:
+    return event.get("userId") or event.get("anonymousId") or ""
+
+
+def seq_of(event: dict[str, Any] | None) -> int:
+    if event is None:
+        return -1  # poison passed on: not part of anyone's sequence
+    return int((event.get("properties") or event.get("traits") or {}).get("seq", -1))
