@@ -258,12 +258,20 @@ def test_metrics_and_probes_are_served_and_counters_move(settings, tmp_path):
         produce(settings, "raw", [_track(i) for i in range(50)] + [("bad", b"{not json")])
         read_count(settings, "dest.amplitude", 50)
         read_count(settings, "dlq.raw", 1)
-        deadline = time.monotonic() + 10  # lag comes with librdkafka's next statistics
-        while "segment_worker_consumer_lag{" not in (text := get("/metrics")[1]) and time.monotonic() < deadline:
+        raw, dest, dlq = settings.names.raw, settings.names.dest("amplitude"), settings.names.dlq("raw")
+        # Lag comes with librdkafka's next statistics; writes are counted once acknowledged, which
+        # the normaliser learns on a later loop turn than the one that wrote them.
+        wanted = [f'segment_worker_produced_total{{topic="{dest}"}} 50.0'] + [
+            f'segment_worker_consumer_lag{{partition="{partition}",topic="{raw}"}}' for partition in range(4)
+        ]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = get("/metrics")[1]
+            if all(line in text for line in wanted):
+                break
             time.sleep(0.2)
     finally:
         assert normaliser.terminate() == 0
-    raw, dest, dlq = settings.names.raw, settings.names.dest("amplitude"), settings.names.dlq("raw")
     assert f'segment_worker_consumed_total{{topic="{raw}"}} 51.0' in text
     assert f'segment_worker_produced_total{{topic="{dest}"}} 50.0' in text
     assert f'segment_worker_produced_total{{topic="{dlq}"}} 1.0' in text
