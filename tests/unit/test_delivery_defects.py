@@ -790,6 +790,21 @@ def test_brevo_and_reteno_default_to_their_documented_rate_limits_and_take_a_set
     assert config.destination("reteno", require_key=False).events_per_second == 7
 
 
+def test_a_rate_limited_sink_buffers_no_more_than_its_destination_takes_within_a_drain():
+    # Brevo takes 10 events/s; a rebalance waits 10 s (SINK_REQUEST_TIMEOUT 10 s, twice, capped):
+    # 100 buffered events, not 10,000 that would be delivered after the drain, uncommitted, and sent
+    # again by the next owner (Brevo has no event id to dedupe them).
+    from worker.sink.strategy import buffer_limit
+
+    settings = SinkSettings()
+    assert buffer_limit(settings, brevo.make()) == 100
+    assert buffer_limit(settings, reteno.make()) == 2_000
+    assert buffer_limit(settings, amplitude.make()) == 10_000  # 1,000 events/s: the default buffer
+    assert buffer_limit(SinkSettings(request_timeout=1.0), brevo.make()) == 20
+    unlimited = Config.from_sources({"BREVO_EVENTS_PER_SECOND": "1000000"}).destination("brevo", require_key=False)
+    assert buffer_limit(settings, unlimited) == settings.max_buffered_events
+
+
 def test_the_brevo_sink_keeps_under_10_requests_per_second_by_default(standins, engine):
     dest = destination("brevo", standins.url)
     running, reports = engine(dest, SinkSettings(**FAST))

@@ -60,7 +60,7 @@ class SinkStrategy:
     ) -> None:
         self.destination = destination
         self.name = destination.name
-        self.max_buffered = sink.max_buffered_events
+        self.max_buffered = buffer_limit(sink, destination)
         self.codec = EventCodec()
         self.producer = clients.producer()
         self.dead_letters = DeadLetterWriter(self.producer, names.dlq(self.name), self.name, dlq)
@@ -218,6 +218,23 @@ class SinkStrategy:
         self.producer.flush(10)
 
 
+def drain_timeout(sink: SinkSettings) -> float:
+    """How long a rebalance waits for the sink's outstanding work: a down destination must not
+    stall the whole group for long."""
+    return min(10.0, sink.request_timeout * 2)
+
+
+def buffer_limit(sink: SinkSettings, destination: Destination) -> int:
+    """SINK_MAX_BUFFERED_EVENTS, but no more than a rate-limited destination takes within a
+    rebalance's drain: items beyond that would be delivered after the drain gave up, stay
+    uncommitted (a partition commits up to its oldest unfinished message), and be sent again by
+    the partition's next owner; Brevo, with no event id, would store them twice."""
+    limit = sink.max_buffered_events
+    if destination.events_per_second:
+        limit = min(limit, max(1, int(destination.events_per_second * drain_timeout(sink))))
+    return limit
+
+
 def build(config: Config, destination_name: str) -> ConsumerLoop:
     """The sink for `destination_name`, configured from `config`; raises ConfigError on bad settings."""
     sink = config.sink()
@@ -230,7 +247,6 @@ def build(config: Config, destination_name: str) -> ConsumerLoop:
         [config.names.dest(destination_name)],
         strategy,
         batch_size=config.settings.consume_batch_size,
-        # A rebalance waits for this; a down destination must not stall the whole group for long.
-        drain_timeout=min(10.0, sink.request_timeout * 2),
+        drain_timeout=drain_timeout(sink),
         bounded_prefetch=True,  # it pauses while its destination is down: its memory stays bounded
     )
