@@ -278,6 +278,17 @@ class Member:
     port: int
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM), in MiB; 0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 class Group:
     """The processes of one role (the normaliser, or one destination's sink), each with /metrics."""
 
@@ -286,6 +297,10 @@ class Group:
         self._start = start  # (metrics port) -> Role
         self.members: list[Member] = []
         self.killed = 0
+        self.peak_rss = 0.0  # MiB, the most any of its processes held (read before each one stops)
+
+    def _note_rss(self, member: Member) -> None:
+        self.peak_rss = max(self.peak_rss, peak_rss_mib(member.role.pid))
 
     def add(self) -> None:
         port = free_port()
@@ -313,6 +328,7 @@ class Group:
 
     def kill_and_restart(self, rng: random.Random, session_timeout: float) -> None:
         victim = self.members.pop(rng.randrange(len(self.members)))
+        self._note_rss(victim)
         victim.role.kill()
         self.killed += 1
         # The dead member leaves the group when its session times out; the replacement joins after
@@ -322,6 +338,7 @@ class Group:
 
     def scale_down(self) -> None:
         newest = self.members.pop()
+        self._note_rss(newest)
         code = newest.role.terminate()
         assert code == 0, f"{self.name}: a member stopped with {code}: {newest.role.log_path}"
 
@@ -329,6 +346,8 @@ class Group:
         return bool(self.members) and all(m.role.alive() for m in self.members)
 
     def terminate(self) -> list[int]:
+        for member in self.members:
+            self._note_rss(member)
         codes = [m.role.terminate() for m in self.members]
         self.members.clear()
         return codes
@@ -497,6 +516,7 @@ def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outage
         codes = group.terminate()
         if codes != [0] * len(codes):
             problems.append(f"{name} stopped with {codes} on SIGTERM")
+    summary["peak RSS MiB"] = {name: round(group.peak_rss, 1) for name, group in groups.items()}
     summary["faults"]["scheduled"] = dict(Counter(f"{a.kind} {a.group}" for a in membership + destination_faults))
     summary["faults"]["membership changes done"] = changed
     summary["faults"]["fault changes done"] = len(done) - changed
