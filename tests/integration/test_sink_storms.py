@@ -146,8 +146,9 @@ def _poison(destination: str) -> list[dict[str, Any]]:
     events = track_events(3, prefix="poison-")
     events[0]["properties"] = [1, 2, 3]  # not an object: every destination reads properties
     if destination == "amplitude":
-        events[1]["properties"] = {"quantity": "1e999"}  # not a finite number
-        events[2]["properties"] = {"quantity": 1e300}  # an integer beyond 64 bits once truncated
+        # (A purchase: only with a revenue are quantity and price revenue fields that must be numbers.)
+        events[1]["properties"] = {"revenue": 1, "quantity": "1e999"}  # not a finite number
+        events[2]["properties"] = {"revenue": 1, "quantity": 1e300}  # an integer beyond 64 bits once rounded
     elif destination == "amberflo":
         events[1]["properties"] = {"value": "-inf"}  # a meter value that is not a finite number
         events[2]["properties"] = {"value": {"amount": 5}}  # a meter value that is not a number

@@ -92,21 +92,23 @@ def test_exactly_once_through_a_429_storm_honouring_retry_after(settings, standi
     assert dead_letter_ids(settings, destination) == {}
 
 
-def slow(destination: str, events_per_second: int = 300) -> dict[str, str]:
-    """Settings that keep a sink busy for seconds, so a test can stop it mid-way: its rate limit
-    lowered where it has one, else one request at a time."""
+def slow(destination: str, events_per_second: int = 300) -> tuple[dict[str, str], dict[str, float]]:
+    """Settings and stand-in faults that keep a sink busy for seconds, so a test can stop it
+    mid-way: its rate limit lowered where it has one, else one request at a time to an API that
+    answers each request 0.3 s late."""
     config = registry.get(destination).config
     if "events_per_second" in config.model_fields:
-        return {config.variable("events_per_second"): str(events_per_second)}
-    return {"SINK_CONCURRENCY": "1"}
+        return {config.variable("events_per_second"): str(events_per_second)}, {}
+    return {"SINK_CONCURRENCY": "1"}, {"latency_seconds": 0.3}
 
 
 @pytest.mark.parametrize("destination", DESTINATIONS)
 def test_kill_9_mid_batch_then_restart_delivers_everything(broker, settings, standins, destination, tmp_path):
-    crash = {**crash_test_variables(broker), **slow(destination)}
+    slow_settings, slow_api = slow(destination)
+    crash = {**crash_test_variables(broker), **slow_settings}
     events = track_events(1500)
-    # Slow enough to be caught mid-way: a low rate limit, and a 10% error rate's retries.
-    standins.faults(destination, error_rate=0.1, seed=3)
+    # Slow enough to be caught mid-way, and a 10% error rate's retries.
+    standins.faults(destination, error_rate=0.1, seed=3, **slow_api)
     write_events(settings, destination, events)
     first = start_sink(settings, destination, standins, tmp_path, **crash)
     standins.wait_received(destination, 100)
@@ -226,7 +228,7 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(settings, standins, tmp_p
     events = track_events(3000)
     standins.faults("amplitude", error_rate=0.5, seed=11)
     write_events(settings, "amplitude", events)
-    first = start_sink(settings, "amplitude", standins, tmp_path, **slow("amplitude"))
+    first = start_sink(settings, "amplitude", standins, tmp_path, **slow("amplitude")[0])
     standins.wait_received("amplitude", 100)
     assert first.terminate() == 0  # drains what it can within its grace, commits, leaves the group
     assert len(standins.received("amplitude")) < len(events), "finished before the stop; nothing tested"

@@ -553,7 +553,7 @@ def test_a_drain_that_times_out_is_not_repeated_at_shutdown(broker, prefix, comm
     strategy.drain_waits = True  # as SinkStrategy.drain does while nothing finishes
     loop = make_loop(broker, config, topic, strategy, NO_AUTO_COMMITS, batch_size=10, drain_timeout=2.0)
     handle = Running(loop)
-    wait_for(lambda: len(strategy.accepted_coordinates()) == 3, 15, "all 3 messages submitted")
+    wait_for(lambda: len(strategy.accepted_coordinates()) == 3, 30, "all 3 messages submitted")
     started = time.monotonic()
     handle.stop()
     elapsed = time.monotonic() - started

@@ -32,6 +32,7 @@ class Faults:
     error_rate: float = 0.0  # fraction of requests answered 500/502/503
     timeout_rate: float = 0.0  # fraction of requests that hang for `timeout_seconds` and then 504
     timeout_seconds: float = 30.0
+    latency_seconds: float = 0.0  # every request is answered this much later (a slow API)
     throttle_requests: int = 0  # the next N requests get 429 with Retry-After
     retry_after: float = 1.0
     throttled_users: list[str] = field(default_factory=list)  # per-user throttling (Amplitude 429 body)
@@ -90,6 +91,8 @@ class StandinState:
         """
         self.requests += 1
         f = self.faults
+        if f.latency_seconds > 0:
+            await asyncio.sleep(f.latency_seconds)
         if f.down:
             return 503, {"error": "service unavailable"}, {}
         if f.status_storm:
