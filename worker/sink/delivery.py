@@ -60,7 +60,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,8 +308,7 @@ class DeliveryEngine:
         for name, queue in self._ready.items():
             kept_runs: deque[list[Pending]] = deque()
             for run in queue:
-                kept = [pending for pending in run if not owned(pending.owner)]
-                withdrawn.extend(pending for pending in run if owned(pending.owner))
+                kept = _keep_unowned(run, owned, withdrawn)
                 user = self._user(run[0])
                 lane = self._lanes.get(user) if user else None
                 if kept:
@@ -322,9 +321,8 @@ class DeliveryEngine:
             self._ready[name] = kept_runs
             self._ready_items[name] = sum(len(run) for run in kept_runs)
         for lane in self._lanes.values():
-            withdrawn.extend(pending for pending in (*lane.waiting, *lane.returned) if owned(pending.owner))
-            lane.waiting = deque(pending for pending in lane.waiting if not owned(pending.owner))
-            lane.returned = [pending for pending in lane.returned if not owned(pending.owner)]
+            lane.waiting = deque(_keep_unowned(lane.waiting, owned, withdrawn))
+            lane.returned = _keep_unowned(lane.returned, owned, withdrawn)
             self._recredit(lane, now)
         for user in freed:
             if (lane := self._lanes.get(user)) is not None:
@@ -687,6 +685,14 @@ class DeliveryEngine:
         pending.settled = True
         self._stop_sending(pending)
         self.report(ItemReport(pending.owner, outcome))
+
+
+def _keep_unowned(items: Iterable[Pending], owned: Callable[[Any], bool], withdrawn: list[Pending]) -> list[Pending]:
+    """The items whose owner is not `owned`, in order; the others are appended to `withdrawn`."""
+    kept = []
+    for pending in items:
+        (withdrawn if owned(pending.owner) else kept).append(pending)
+    return kept
 
 
 def _submission_order(pending: Pending) -> int:
