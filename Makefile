@@ -44,8 +44,11 @@ lint: install
 
 # The integration tests run on both brokers: the embedded one and Apache Kafka (its jars come from
 # Maven Central on the first run and are cached in .cache/; without a JDK that leg is reported skipped).
+# Two pytest-xdist workers: the tests of each broker kind go to one of them (so each starts one
+# broker), the broker-free tests to either; most integration tests wait on processes, not the CPU.
+TEST_WORKERS ?= 2
 test: install lint clients
-	$(PY) -m pytest -q --broker both
+	$(PY) -m pytest -q --broker both -n $(TEST_WORKERS) --dist loadgroup
 
 # The property tests with many more examples than `make test` gives them.
 fuzz: install

@@ -74,3 +74,13 @@ def broker(broker_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def prefix() -> str:
     """A topic and group namespace of this test's own, so tests sharing the broker never see each other."""
     return f"t{uuid.uuid4().hex[:8]}."
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), every test on one broker kind goes to one worker,
+    so each worker starts one broker, not both; tests that need none are spread over the workers."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        kind = callspec.params.get("broker_kind") if callspec else None
+        if kind:
+            item.add_marker(pytest.mark.xdist_group(kind))
