@@ -8,9 +8,13 @@ group and a sink group for each of the four destinations run as real processes a
 stand-ins. Meanwhile, on a schedule drawn from CHAOS_SEED:
 
 - normaliser and sink processes are killed with -9 and restarted;
-- one group is scaled 1 -> 2 -> 1 (SIGTERM for the way down);
-- every destination answers 5xx (and hangs into 504) at a rate, has a 429 storm and an outage
-  (503 to everything) of a few seconds each.
+- a group is scaled 1 -> 2 -> 3 -> 2 -> 1 (SIGTERM for the way down); the groups use eager
+  (`range`) and cooperative-sticky assignment, both in every run (`assignors`);
+- every destination answers 5xx (and hangs into 504) at a rate, has 429 storms, spells of
+  rejecting the API key (401, or Amplitude's 400 "Invalid API key") and outages (503 to
+  everything): a few seconds each in a short run, the outages a minute long in a soak;
+- poison is mixed in: fixed bodies (bad JSON, no type, ...) and hostile events and bytes drawn by
+  hypothesis from the normaliser's fuzz strategies (`hypothesis_poison`, seeded by CHAOS_SEED).
 
 Membership changes happen one at a time, each only once its group has settled (every live
 member's `segment_worker_assigned_partitions` > 0 and summing to the partition count): the
@@ -51,14 +55,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import orjson
 import pytest
 import requests
 from confluent_kafka import Message, Producer, TopicPartition
+from hypothesis import strategies as st
 
 from tests.integration.test_collector import CollectorProcess
 from tests.kafka_helpers import crash_test_variables, role_env, settings_for, setup_topics, start_role
 from tests.sink_helpers import DESTINATIONS, Standins, metric_value, start_sink
+from tests.unit.test_normaliser_fuzz import events as fuzz_events
 from worker.avro_codec import EventCodec
 from worker.config import Config
 from worker.destinations.base import Skip, Unmappable
@@ -66,6 +73,8 @@ from worker.dlq.headers import header_map
 from worker.kafka.broker import LoopbackBroker, free_port
 from worker.kafka.reading import assign_all, read_batches_until_quiet
 from worker.names import sink_role
+from worker.normalize.identities import IdentityMap
+from worker.normalize.pipeline import Normaliser
 from worker.processes import Role
 
 pytestmark = pytest.mark.integration
@@ -86,7 +95,10 @@ GROUPS = (NORMALIZE, *DESTINATIONS)
 # place in arrival order is the first write's, so order is checked on their final state instead.
 UPSERT_PREFIXES = ("contact:", "customer:", "device:")
 STORM_SECONDS = 3.0
-OUTAGE_SECONDS = 3.0
+# "Down for a minute" in a soak; a short run cannot afford a minute, so a tenth of its length.
+OUTAGE_SECONDS = min(60.0, max(3.0, SECONDS / 10))
+FAULT_KINDS = ("storm", "keys", "outage")
+HYPOTHESIS_POISON = 20  # drawn at each of the three poison moments
 # Rates of the background faults; injected timeouts hang longer than the sinks' request timeout.
 BASE_FAULTS = {"error_rate": 0.05, "timeout_rate": 0.01, "timeout_seconds": 3.0}
 SINK_ENV = {"SINK_REQUEST_TIMEOUT": "2"}  # CPU contention on 2 cores must not pass for a timeout
@@ -95,7 +107,7 @@ DRAIN_TIMEOUT = 60.0 + SECONDS / 10
 CODEC = EventCodec()
 PERSON = re.compile(r"(?:user|anon)-\d{3}")
 FIRST_NAME = re.compile(r"v(\d{7})")
-POISON_MARKER = re.compile(rb"poison-[a-z]+")
+POISON_MARKER = re.compile(rb"poison-[a-z0-9]+")
 MESSAGE_ID = re.compile(rb'"messageId": ?"([^"]+)"')
 
 
@@ -114,31 +126,44 @@ class Action:
 
 def schedule(seed: int, seconds: float) -> tuple[list[Action], list[Action]]:
     """(membership changes, destination faults) drawn from `seed`: the same seed and length give the
-    same schedule. At least one kill of the normaliser, one of a sink and one 1 -> 2 -> 1 scaling."""
+    same schedule. At least one kill of the normaliser, one of a sink and one 1 -> 3 -> 1 scaling."""
     rng = random.Random(seed)
-    slots = max(5, int(seconds // 8))
+    # A kill takes 1.5 session timeouts before its replacement joins, and each change waits for the
+    # group to settle: one change per 20 s of traffic keeps a long run on schedule.
+    slots = max(5, int(seconds // 20))
     kinds = ["kill-normalize", "kill-sink", "scale", "kill-sink"]
-    while len(kinds) + kinds.count("scale") < slots:
+    while len(kinds) + 3 * kinds.count("scale") < slots:
         kinds.append(rng.choice(["kill-normalize", "kill-sink", "kill-sink", "scale"]))
     rng.shuffle(kinds)
     steps: list[tuple[str, str]] = []
     for kind in kinds:
         if kind == "scale":
             group = rng.choice(GROUPS)
-            steps += [("scale-up", group), ("scale-down", group)]  # down as the next change: back to 1
+            # One member at a time (the embedded broker's wedge), straight back down to one.
+            steps += [("scale-up", group)] * 2 + [("scale-down", group)] * 2
         else:
             steps.append(("kill", NORMALIZE if kind == "kill-normalize" else rng.choice(DESTINATIONS)))
     spacing = seconds * 0.85 / len(steps)
     membership = [Action(round(spacing * (i + 0.5), 1), kind, group) for i, (kind, group) in enumerate(steps)]
-    # A storm and an outage for each destination in every two minutes (one each in a short run).
+    # A 429 storm and a spell of rejected keys for each destination in every two minutes, an
+    # outage in every third such round (each kind once in a short run).
     rounds = max(1, int(seconds // 120))
     faults = [
         Action(round((r + rng.uniform(0.1, 0.8)) * seconds / rounds, 1), kind, destination)
         for r in range(rounds)
         for destination in DESTINATIONS
-        for kind in ("storm", "outage")
+        for kind in FAULT_KINDS
+        if kind != "outage" or r % 3 == 0
     ]
     return membership, sorted(faults, key=lambda a: a.at)
+
+
+def assignors(seed: int) -> dict[str, str]:
+    """Each group's assignment strategy: eager and cooperative-sticky alternate over the groups from
+    a seeded start, so every run has both and a seed decides which group gets which."""
+    kinds = ["range", "cooperative-sticky"]
+    first = random.Random(seed * 101).randrange(2)
+    return {group: kinds[(first + i) % 2] for i, group in enumerate(GROUPS)}
 
 
 # -- the traffic --------------------------------------------------------------------------------------
@@ -185,10 +210,48 @@ POISON = [
 ]
 
 
-def marker_of(body: bytes) -> str:
-    found = POISON_MARKER.search(body)
-    assert found is not None
-    return found.group(0).decode()
+def hypothesis_poison(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """`count` hostile bodies drawn by hypothesis with `seed` (the same seed, the same bodies): events
+    of every type with fields of any shape (tests/unit/test_normaliser_fuzz.py's `events`) and raw
+    bytes. Each ends with its marker: an event's last `messageId` key (JSON's last duplicate wins),
+    so the event is found on a destination topic if the normaliser passes it on; bytes end with it."""
+    found: list[bytes] = []
+
+    @hypothesis.seed(seed)
+    @hypothesis.settings(
+        max_examples=count * 3,
+        database=None,
+        phases=[hypothesis.Phase.generate],
+        deadline=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(st.one_of(fuzz_events(), fuzz_events(), fuzz_events(), st.binary(max_size=300)))
+    def draw(body: str | bytes) -> None:
+        if len(found) < count:
+            marker = f"poison-h{len(found)}"
+            if isinstance(body, bytes):
+                found.append(body + marker.encode())
+            else:
+                opening = "{" if body == "{}" else body[:-1] + ","
+                found.append(f'{opening}"messageId":"{marker}"}}'.encode("utf-8", "surrogatepass"))
+
+    draw()
+    assert len(found) == count, f"hypothesis drew {len(found)} poison bodies, not {count}"
+    return [("user-poison", body) for body in found]
+
+
+def marker_of(body: bytes) -> str | None:
+    """A poison body's marker: the last one in it (a hostile field may hold marker-like text too)."""
+    found = POISON_MARKER.findall(body)
+    return found[-1].decode() if found else None
+
+
+def filtered_by_the_normaliser(body: bytes) -> bool:
+    """Whether the normaliser's own pure pipeline routes `body` nowhere without rejecting it (an
+    event whose `integrations` turn every destination off): then it is neither dead-lettered nor on
+    any topic, rightly."""
+    result = Normaliser(list(DESTINATIONS), IdentityMap(100), []).process(body, int(time.time() * 1000), "raw", 0, 0)
+    return bool(result.filtered) and not result.routed and not result.rejected
 
 
 @dataclass
@@ -202,9 +265,11 @@ class Traffic:
     errors: list[str] = field(default_factory=list)
 
 
-def run_traffic(settings: Config, collector_url: str, traffic: Traffic, stop: threading.Event) -> None:
-    """CHAOS_RATE events a second for CHAOS_SECONDS, in 0.1 s ticks; poison at a quarter, half and
-    three quarters of the way. Collector people's events go through a sender thread that posts one
+def run_traffic(
+    settings: Config, collector_url: str, traffic: Traffic, poison: list[tuple[str, bytes]], stop: threading.Event
+) -> None:
+    """CHAOS_RATE events a second for CHAOS_SECONDS, in 0.1 s ticks; the fixed poison at a quarter,
+    half and three quarters of the way, each time with a third of `poison` (hypothesis's). Collector people's events go through a sender thread that posts one
     batch at a time and resends a refused one (as an SDK does; duplicates are deduplicated)."""
     rng = random.Random(SEED * 7919)
     sequences = Counter[int]()
@@ -215,7 +280,8 @@ def run_traffic(settings: Config, collector_url: str, traffic: Traffic, stop: th
     raw = settings.names.raw
     started = time.monotonic()
     ticks = int(SECONDS * 10)
-    poison_at = {ticks // 4, ticks // 2, 3 * ticks // 4}
+    poison_at = sorted({ticks // 4, ticks // 2, 3 * ticks // 4})
+    drawn = {tick: poison[i :: len(poison_at)] for i, tick in enumerate(poison_at)}
     owed = 0.0
     try:
         for tick in range(ticks):
@@ -234,8 +300,8 @@ def run_traffic(settings: Config, collector_url: str, traffic: Traffic, stop: th
                     producer.produce(raw, orjson.dumps(event), person_of(number))
                     traffic.via_raw += 1
             owed -= int(owed)
-            if tick in poison_at:
-                for key, body in POISON:
+            if tick in drawn:
+                for key, body in POISON + drawn[tick]:
                     producer.produce(raw, body, key)
             if batch:
                 outbox.put(batch)
@@ -431,12 +497,26 @@ def settings(broker: LoopbackBroker, prefix: str) -> Config:
 
 @pytest.fixture
 def groups(settings: Config, clean_standins: Standins, tmp_path: Path) -> Iterator[dict[str, Group]]:
+    assignor = assignors(SEED)
+
     def normaliser(port: int) -> Role:
-        return start_role(settings, [NORMALIZE], tmp_path, METRICS_PORT=str(port))
+        return start_role(
+            settings,
+            [NORMALIZE],
+            tmp_path,
+            METRICS_PORT=str(port),
+            KAFKA_PARTITION_ASSIGNMENT_STRATEGY=assignor[NORMALIZE],
+        )
 
     def sink_of(destination: str) -> Any:
         return lambda port: start_sink(
-            settings, destination, clean_standins, tmp_path, METRICS_PORT=str(port), **SINK_ENV
+            settings,
+            destination,
+            clean_standins,
+            tmp_path,
+            METRICS_PORT=str(port),
+            KAFKA_PARTITION_ASSIGNMENT_STRATEGY=assignor[destination],
+            **SINK_ENV,
         )
 
     running = {NORMALIZE: Group(NORMALIZE, normaliser)} | {d: Group(d, sink_of(d)) for d in DESTINATIONS}
@@ -473,7 +553,8 @@ def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outage
     done: list[str] = []
     changed = 0
     started = time.monotonic()
-    sender = threading.Thread(target=run_traffic, args=(settings, collector.url, traffic, stop), daemon=True)
+    poison = hypothesis_poison(SEED, 3 * HYPOTHESIS_POISON)
+    sender = threading.Thread(target=run_traffic, args=(settings, collector.url, traffic, poison, stop), daemon=True)
     faulter = threading.Thread(
         target=inject_faults, args=(standins, destination_faults, seeds, started, stop, done), daemon=True
     )
@@ -505,7 +586,7 @@ def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outage
         problems += [f"traffic: {error}" for error in traffic.errors]
         if sender.is_alive():
             problems.append("the traffic did not finish")
-        summary, found = check(settings, standins, groups, traffic, collector)
+        summary, found = check(settings, standins, groups, traffic, poison, collector)
         problems += found
     finally:
         stop.set()
@@ -541,7 +622,7 @@ def inject_faults(
     """Each storm and outage at its time, for its few seconds, over the background faults. A
     destination's faults are set whole, so what is on is recomputed from the windows open now."""
     windows = [
-        (started + a.at, started + a.at + (STORM_SECONDS if a.kind == "storm" else OUTAGE_SECONDS), a) for a in actions
+        (started + a.at, started + a.at + (OUTAGE_SECONDS if a.kind == "outage" else STORM_SECONDS), a) for a in actions
     ]
     changes = sorted({t for start, end, _a in windows for t in (start, end)})
     for moment in changes:
@@ -555,6 +636,8 @@ def inject_faults(
                 faults["down"] = True
             if "storm" in open_now:
                 faults |= {"status_storm": 429, "retry_after": 0.5}
+            if "keys" in open_now:
+                faults["reject_key"] = True
             standins.faults(destination, **faults)
         done.append(
             f"{now - started:6.1f}s faults now: "
@@ -563,7 +646,12 @@ def inject_faults(
 
 
 def check(
-    settings: Config, standins: Standins, groups: dict[str, Group], traffic: Traffic, collector: CollectorProcess
+    settings: Config,
+    standins: Standins,
+    groups: dict[str, Group],
+    traffic: Traffic,
+    poison: list[tuple[str, bytes]],
+    collector: CollectorProcess,
 ) -> tuple[dict[str, Any], list[str]]:
     """Every promise, checked once the pipeline has drained; returns (summary, problems)."""
     problems: list[str] = []
@@ -590,16 +678,22 @@ def check(
     # dead-letters or skips it below, by its own mapping).
     raw_reasons: dict[str, str] = {}
     for message in dead_raw:
-        if marker := POISON_MARKER.search(message.value() or b""):
-            raw_reasons[marker.group(0).decode()] = header_map(message.headers()).get("error", "")
+        if marker := marker_of(message.value() or b""):
+            raw_reasons[marker] = header_map(message.headers()).get("error", "")
+    if reasonless := [m.offset() for m in dead_raw if not header_map(m.headers()).get("error")]:
+        problems.append(f"normaliser dead letters without a reason at offsets {reasonless[:5]}")
     on_topics = {e["messageId"] for d in DESTINATIONS for e in decoded(topics[d])}
-    for _key, body in POISON:
+    filtered = 0
+    for _key, body in [*POISON, *poison]:
         name = marker_of(body)
         if name in raw_reasons:
             if not raw_reasons[name]:
                 problems.append(f"poison {name} dead-lettered without a reason")
         elif name not in on_topics:
-            problems.append(f"poison {name} neither dead-lettered nor passed on")
+            if filtered_by_the_normaliser(body):
+                filtered += 1
+            else:
+                problems.append(f"poison {name} neither dead-lettered nor passed on: {body[:200]!r}")
     dead_raw_ids = {m.group(1).decode() for message in dead_raw if (m := MESSAGE_ID.search(message.value() or b""))}
 
     summary: dict[str, Any] = {
@@ -607,7 +701,8 @@ def check(
         "via collector": traffic.via_collector,
         "via raw": traffic.via_raw,
         "collector resends": traffic.collector_retries,
-        "poison sent": len(POISON) * 3,
+        "poison sent": len(POISON) * 3 + len(poison),
+        "poison filtered by integrations": filtered,
         "dead-lettered raw": len(dead_raw),
         "destinations": {},
         "lag": {name: sum(behind.values()) for name, behind in lag.items()},
@@ -624,7 +719,8 @@ def check(
         missing_on_topic = set(traffic.events) - {e["messageId"] for e in events} - dead_raw_ids
         if missing_on_topic:
             problems.append(
-                f"{destination}: {len(missing_on_topic)} sent events never reached its topic: {sorted(missing_on_topic)[:5]}"
+                f"{destination}: {len(missing_on_topic)} sent events never reached its topic: {sorted(missing_on_topic)[:5]}; "
+                f"where they are: {where_found(sorted(missing_on_topic)[:5], raw, topics)}"
             )
         wrong_key = [
             e["messageId"] for e, key in keyed(topics[destination]) if key != (e.get("userId") or e.get("anonymousId"))
@@ -712,6 +808,25 @@ def check(
             )
     summary["faults"] = {"responses": dict(statuses)}
     return summary, problems
+
+
+def where_found(message_ids: list[str], raw: list[Message], topics: dict[str, list[Message]]) -> dict[str, Any]:
+    """For a failure's message: each event's (partition, offset) on segment.raw and on each dest topic
+    that has it, to tell a write that never happened from one the broker did not serve back."""
+    wanted = set(message_ids)
+    found: dict[str, dict[str, list[tuple[int, int]]]] = {m: defaultdict(list) for m in message_ids}
+    for message in raw:
+        if (m := MESSAGE_ID.search(message.value() or b"")) and (mid := m.group(1).decode()) in wanted:
+            found[mid]["raw"].append((message.partition(), message.offset()))
+    for destination, messages in topics.items():
+        for message in messages:
+            try:
+                mid = CODEC.decode(message.value())[0]["messageId"]
+            except Exception:  # the poison passed on is not ours to read here
+                continue
+            if mid in wanted:
+                found[mid][destination].append((message.partition(), message.offset()))
+    return {mid: dict(places) for mid, places in found.items()}
 
 
 def decoded(messages: list[Message]) -> list[dict[str, Any]]:
