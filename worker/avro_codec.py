@@ -69,7 +69,7 @@ class SingleObjectCodec:
 # Tests check both directions byte for byte against fastavro.
 
 _STRING, _NULLABLE_STRING, _ENUM, _JSON = 0, 1, 2, 3
-_VARINT_CACHE = [b""] * 4096
+_VARINT_CACHE = [b""] * 2048  # the encodings of 0..2047
 
 
 def _varint(n: int) -> bytes:
@@ -110,10 +110,14 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 class FlatRecordCodec(SingleObjectCodec):
-    """Single-object codec for a record whose fields are all string, ["null","string"] or enum."""
+    """Single-object codec for a record whose fields are all string, ["null","string"] or enum.
 
-    def __init__(self, schema: dict[str, Any], json_fields: tuple[str, ...] = ()) -> None:
+    `omit_nulls`: the decoder leaves a null field out of the record instead of setting it to None.
+    """
+
+    def __init__(self, schema: dict[str, Any], json_fields: tuple[str, ...] = (), omit_nulls: bool = False) -> None:
         super().__init__(schema)
+        self.omit_nulls = omit_nulls
         self.plan: list[tuple[str, int, dict[str, int] | None]] = []
         for f in schema["fields"]:
             t = f["type"]
@@ -147,7 +151,8 @@ class FlatRecordCodec(SingleObjectCodec):
                     f"    if v{i} is None:",
                     f"        t{i} = b'\\x00'; l{i} = r{i} = b''",
                     "    else:",
-                    f"        t{i} = b'\\x02'; r{i} = v{i}.encode(); l{i} = varint(len(r{i}))",
+                    f"        t{i} = b'\\x02'; r{i} = v{i}.encode(); n = len(r{i})",
+                    f"        l{i} = small[n] if n < {len(_VARINT_CACHE)} else varint(n)",
                 ]
                 pieces += [f"t{i}", f"l{i}", f"r{i}"]
                 continue
@@ -156,10 +161,16 @@ class FlatRecordCodec(SingleObjectCodec):
             else:
                 lines += [f"    if v{i} is None:", f"        raise ValueError('field {name} is required')"]
                 lines.append(f"    r{i} = v{i}.encode()")
-            lines.append(f"    l{i} = varint(len(r{i}))")
+            # Most lengths are under 2048: a list lookup inline, not a call (this runs ~15 times a record).
+            lines += [f"    n = len(r{i})", f"    l{i} = small[n] if n < {len(_VARINT_CACHE)} else varint(n)"]
             pieces += [f"l{i}", f"r{i}"]
         lines.append(f"    return b''.join(({', '.join(pieces)}))")
-        namespace: dict[str, Any] = {"header": self.header, "varint": _varint, "dumps": orjson.dumps}
+        namespace: dict[str, Any] = {
+            "header": self.header,
+            "varint": _varint,
+            "small": _VARINT_CACHE,
+            "dumps": orjson.dumps,
+        }
         for i, (_name, kind, index) in enumerate(self.plan):
             if kind == _ENUM:
                 namespace[f"enum{i}"] = index
@@ -188,7 +199,8 @@ class FlatRecordCodec(SingleObjectCodec):
                 continue
             if kind == _NULLABLE_STRING:
                 lines += read("n", indent)
-                lines += ["    if n == 0:", f"        record[{name!r}] = None", "    else:"]
+                absent = "pass" if self.omit_nulls else f"record[{name!r}] = None"
+                lines += ["    if n == 0:", f"        {absent}", "    else:"]
                 indent = "        "
             lines += read("n", indent)
             value = "loads(body[pos:pos + n])" if kind == _JSON else "body[pos:pos + n].decode()"
@@ -210,7 +222,8 @@ class EventCodec:
     top-level fields outside the spec."""
 
     def __init__(self) -> None:
-        self.codec = FlatRecordCodec(load_schema(), json_fields=JSON_FIELDS)
+        # Null fields are left out when decoding: a SegmentEvent has no None values.
+        self.codec = FlatRecordCodec(load_schema(), json_fields=JSON_FIELDS, omit_nulls=True)
 
     def encode(self, event: SegmentEvent, extra: dict[str, Any] | None = None) -> bytes:
         if extra:
@@ -220,4 +233,4 @@ class EventCodec:
     def decode(self, data: bytes) -> tuple[SegmentEvent, dict[str, Any]]:
         record = self.codec.decode(data)
         extra = record.pop("extra")
-        return {k: v for k, v in record.items() if v is not None}, extra  # type: ignore[return-value]
+        return record, extra  # type: ignore[return-value]

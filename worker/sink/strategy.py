@@ -129,10 +129,12 @@ class SinkStrategy:
             raise Unmappable(f"cannot decode the record: {exc}") from None
         items = self.destination.map_event(event)
         endpoints = self.destination.endpoints
-        if not isinstance(items, list) or not all(
-            isinstance(item, Item) and item.endpoint in endpoints for item in items
-        ):
-            raise TypeError(f"{self.name}.map_event returned {str(items)[:200]}, not a list of Items for its endpoints")
+        # A plain loop, not all(<generator>): this runs for every event.
+        if items.__class__ is not list:
+            raise TypeError(f"{self.name}.map_event returned {str(items)[:200]}, not a list of Items")
+        for item in items:
+            if item.__class__ is not Item or item.endpoint not in endpoints:
+                raise TypeError(f"{self.name}.map_event returned {str(items)[:200]}, not Items for its endpoints")
         return items
 
     # -- reports from the engine ----------------------------------------------------------------
