@@ -103,7 +103,10 @@ HYPOTHESIS_POISON = 20  # drawn at each of the three poison moments
 BASE_FAULTS = {"error_rate": 0.05, "timeout_rate": 0.01, "timeout_seconds": 3.0}
 SINK_ENV = {"SINK_REQUEST_TIMEOUT": "2"}  # CPU contention on 2 cores must not pass for a timeout
 SETTLE_TIMEOUT = 60.0
-DRAIN_TIMEOUT = 60.0 + SECONDS / 10
+# After the traffic, the slowest sink works off what its last kill left uncommitted: Reteno takes one
+# item a request, eight at once, so at 1,000 events/s it runs near its capacity and a kill's redo
+# waits for the traffic to end (a 10-minute run left 171,000 records, ~3 minutes of its requests).
+DRAIN_TIMEOUT = 60.0 + SECONDS / 4
 CODEC = EventCodec()
 PERSON = re.compile(r"(?:user|anon)-\d{3}")
 FIRST_NAME = re.compile(r"v(\d{7})")
@@ -538,7 +541,7 @@ def groups(settings: Config, clean_standins: Standins, tmp_path: Path) -> Iterat
 
 # The suite's default timeout is for short tests: this one takes the traffic's length, plus start-up,
 # settling and the drain.
-@pytest.mark.timeout(int(SECONDS * 1.5 + 300))
+@pytest.mark.timeout(int(SECONDS * 2 + 600))
 def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outages(
     settings: Config, clean_standins: Standins, groups: dict[str, Group], tmp_path: Path
 ) -> None:
