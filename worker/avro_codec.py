@@ -69,12 +69,13 @@ class SingleObjectCodec:
 # Tests check both directions byte for byte against fastavro.
 
 _STRING, _NULLABLE_STRING, _ENUM, _JSON = 0, 1, 2, 3
-_VARINT_CACHE = [b""] * 2048  # the encodings of 0..2047
+_SMALL = 2048  # longs below this are encoded once, at import
+_VARINT_CACHE = [b""] * _SMALL
 
 
 def _varint(n: int) -> bytes:
     """Avro `long`: zig-zag, then base-128 varint."""
-    if 0 <= n < 2048:
+    if 0 <= n < _SMALL:
         return _VARINT_CACHE[n]
     z = (n << 1) ^ (n >> 63)
     out = bytearray()
@@ -86,7 +87,7 @@ def _varint(n: int) -> bytes:
 
 
 def _fill_varint_cache() -> None:
-    for n in range(2048):
+    for n in range(_SMALL):
         z, out = n << 1, bytearray()
         while z & ~0x7F:
             out.append((z & 0x7F) | 0x80)
@@ -138,6 +139,11 @@ class FlatRecordCodec(SingleObjectCodec):
         The generated code only indexes the record by the schema's own field names (validated
         identifiers from the .avsc we ship), so nothing from the data ever reaches `exec`.
         """
+
+        def length(i: int, indent: str) -> str:
+            # Most lengths are small: a list lookup inline, not a call (this runs ~15 times a record).
+            return f"{indent}n = len(r{i}); l{i} = small[n] if n < {_SMALL} else varint(n)"
+
         lines = ["def encode(record):", "    get = record.get"]
         pieces = ["header"]
         for i, (name, kind, _index) in enumerate(self.plan):
@@ -151,8 +157,8 @@ class FlatRecordCodec(SingleObjectCodec):
                     f"    if v{i} is None:",
                     f"        t{i} = b'\\x00'; l{i} = r{i} = b''",
                     "    else:",
-                    f"        t{i} = b'\\x02'; r{i} = v{i}.encode(); n = len(r{i})",
-                    f"        l{i} = small[n] if n < {len(_VARINT_CACHE)} else varint(n)",
+                    f"        t{i} = b'\\x02'; r{i} = v{i}.encode()",
+                    length(i, "        "),
                 ]
                 pieces += [f"t{i}", f"l{i}", f"r{i}"]
                 continue
@@ -161,8 +167,7 @@ class FlatRecordCodec(SingleObjectCodec):
             else:
                 lines += [f"    if v{i} is None:", f"        raise ValueError('field {name} is required')"]
                 lines.append(f"    r{i} = v{i}.encode()")
-            # Most lengths are under 2048: a list lookup inline, not a call (this runs ~15 times a record).
-            lines += [f"    n = len(r{i})", f"    l{i} = small[n] if n < {len(_VARINT_CACHE)} else varint(n)"]
+            lines.append(length(i, "    "))
             pieces += [f"l{i}", f"r{i}"]
         lines.append(f"    return b''.join(({', '.join(pieces)}))")
         namespace: dict[str, Any] = {

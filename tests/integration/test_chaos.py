@@ -272,8 +272,9 @@ def run_traffic(
     settings: Config, collector_url: str, traffic: Traffic, poison: list[tuple[str, bytes]], stop: threading.Event
 ) -> None:
     """CHAOS_RATE events a second for CHAOS_SECONDS, in 0.1 s ticks; the fixed poison at a quarter,
-    half and three quarters of the way, each time with a third of `poison` (hypothesis's). Collector people's events go through a sender thread that posts one
-    batch at a time and resends a refused one (as an SDK does; duplicates are deduplicated)."""
+    half and three quarters of the way, each time with a third of `poison` (hypothesis's).
+    Collector people's events go through a sender thread that posts one batch at a time and resends
+    a refused one (as an SDK does; duplicates are deduplicated)."""
     rng = random.Random(SEED * 7919)
     sequences = Counter[int]()
     outbox: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
@@ -555,13 +556,14 @@ def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outage
     for destination in DESTINATIONS:
         standins.faults(destination, **BASE_FAULTS, seed=seeds[destination])
 
+    # Drawn before the clock starts: the faults' schedule and the traffic share `started`.
+    poison = hypothesis_poison(SEED, 3 * HYPOTHESIS_POISON)
     collector = CollectorProcess(role_env(settings, COLLECTOR_WRITE_KEYS=WRITE_KEY), tmp_path / "collect.log")
     traffic = Traffic()
     stop = threading.Event()
     done: list[str] = []
     changed = 0
     started = time.monotonic()
-    poison = hypothesis_poison(SEED, 3 * HYPOTHESIS_POISON)
     sender = threading.Thread(target=run_traffic, args=(settings, collector.url, traffic, poison, stop), daemon=True)
     faulter = threading.Thread(
         target=inject_faults, args=(standins, destination_faults, seeds, started, stop, done), daemon=True
@@ -627,7 +629,7 @@ def inject_faults(
     stop: threading.Event,
     done: list[str],
 ) -> None:
-    """Each storm and outage at its time, for its few seconds, over the background faults. A
+    """Each storm, key-rejection spell and outage at its time, for its length, over the background faults. A
     destination's faults are set whole, so what is on is recomputed from the windows open now."""
     windows = [
         (started + a.at, started + a.at + (OUTAGE_SECONDS if a.kind == "outage" else STORM_SECONDS), a) for a in actions
