@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install clients fuzz soak test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
+.PHONY: install clients fuzz soak soak-apache-kafka test test-embedded test-apache-kafka lint demo demo-apache-kafka apache-kafka bench kcat-env clean
 
 install: $(STAMP)
 
@@ -58,6 +58,9 @@ fuzz: install
 # `make test`'s 40 s at 100 (CHAOS_SEED picks the schedule; docs/RELIABILITY.md has the figures).
 soak: install
 	CHAOS_SECONDS=1800 CHAOS_RATE=1000 $(PY) -m pytest -q tests/integration/test_chaos.py --broker embedded -s
+
+soak-apache-kafka: install
+	CHAOS_SECONDS=1800 CHAOS_RATE=1000 $(PY) -m pytest -q tests/integration/test_chaos.py --broker apache-kafka -s
 
 test-embedded: install
 	$(PY) -m pytest -q --broker embedded

@@ -64,6 +64,8 @@ class EmbeddedBroker:
     # it rebalances in about half the session timeout, so tests and `demo` keep a group join near
     # a second; and it answers a fetch only when the fetch's wait runs out (Apache Kafka answers as
     # soon as data arrives), so librdkafka's 500 ms wait would add up to half a second to every hop.
+    # That 10 ms is for short runs: a partition of some 20,000 record batches takes longer than it to
+    # read, and Tansu then answers nothing (docs/ARCHITECTURE.md, gap 11).
     client_workarounds: ClassVar[dict[str, str]] = {
         "KAFKA_SESSION_TIMEOUT_MS": "2000",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "200",
