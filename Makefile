@@ -41,6 +41,7 @@ $(CHROMIUM):
 
 lint: install
 	$(VENV)/bin/ruff check worker tests bench
+	$(VENV)/bin/ruff format --check worker tests bench
 
 # The integration tests run on both brokers: the embedded one and Apache Kafka (its jars come from
 # Maven Central on the first run and are cached in .cache/; without a JDK that leg is reported skipped).

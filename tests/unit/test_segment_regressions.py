@@ -103,7 +103,9 @@ def test_other_iso_shapes_of_canonical_length_are_canonicalised_not_passed_throu
     assert out["timestamp"] == out["originalTimestamp"] == "2026-11-22T10:00:00.000Z"
 
 
-@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "0001-01-01T00:59:59+01:00"])
+@pytest.mark.parametrize(
+    "text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "0001-01-01T00:59:59+01:00"]
+)
 def test_offsets_past_the_ends_of_the_calendar_are_invalid(normaliser, text):
     # astimezone(UTC) raised OverflowError, uncaught. Found by the fuzz test as:
     with pytest.raises(InvalidTimestamp, match="outside the years 0001-9999"):
@@ -241,7 +243,9 @@ def test_a_deep_batch_item_is_rejected_alone_and_its_dead_letter_replays(normali
 def test_a_deep_batch_context_is_refused_before_merging(normaliser):
     # deep_merge recursed along both contexts: RecursionError at ~1000 levels.
     context = nest(1000, "1", "dict")
-    payload = b'{"batch":[{"type":"track","userId":"u","event":"E","context":' + context + b'}],"context":' + context + b"}"
+    payload = (
+        b'{"batch":[{"type":"track","userId":"u","event":"E","context":' + context + b'}],"context":' + context + b"}"
+    )
     with pytest.raises(InvalidPayload, match="batch `context`: event is nested 1001 levels deep"):
         parse(payload)
     result = normaliser.process(payload, KAFKA_TS, *AT)
@@ -253,7 +257,13 @@ def test_a_deep_batch_context_is_refused_before_merging(normaliser):
 
 @pytest.mark.parametrize(
     "value",
-    [{}, [], {"a": [1, 2.5, None, True, "x\u00e9\U0001f600", {"b": {}}], "c": -(2**63)}, [[], [{}], "\u0000"], 18446744073709551615],
+    [
+        {},
+        [],
+        {"a": [1, 2.5, None, True, "x\u00e9\U0001f600", {"b": {}}], "c": -(2**63)},
+        [[], [{}], "\u0000"],
+        18446744073709551615,
+    ],
 )
 def test_dumps_iteratively_writes_what_orjson_writes(value):
     assert dumps_iteratively(value) == orjson.dumps(value)
@@ -265,7 +275,8 @@ def test_dumps_iteratively_writes_what_orjson_writes(value):
 
 
 @pytest.mark.parametrize(
-    "ip", ["81.2.69.142\u0000", "\u0000", "1" * 30_000, "81.2.69.142".translate(str.maketrans("0123456789", ARABIC_INDIC))]
+    "ip",
+    ["81.2.69.142\u0000", "\u0000", "1" * 30_000, "81.2.69.142".translate(str.maketrans("0123456789", ARABIC_INDIC))],
 )
 def test_ips_that_are_not_addresses_get_no_location(normaliser, ip):
     # maxminddb raises TypeError (not ValueError) for an embedded NUL; long strings were cache keys.
@@ -330,7 +341,9 @@ def test_an_exception_while_parsing_rejects_the_whole_payload(normaliser, monkey
 
     monkeypatch.setattr("worker.normalize.pipeline.envelope.parse", broken)
     result = normaliser.process(b'{"type":"track"}', KAFKA_TS, *AT)
-    assert [(r.index, r.value, r.reason) for r in result.rejected] == [(None, b'{"type":"track"}', "KeyError: 'surprise'")]
+    assert [(r.index, r.value, r.reason) for r in result.rejected] == [
+        (None, b'{"type":"track"}', "KeyError: 'surprise'")
+    ]
 
 
 # -- message ids: one per client call, the same for the same record -----------------------------

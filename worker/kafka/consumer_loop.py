@@ -34,6 +34,7 @@ from worker.kafka.offsets import Batch, OffsetTracker, TopicPartitionKey
 
 log = logs.get(__name__)
 
+
 class Backpressure(Exception):
     """Raised by `Strategy.submit` before taking anything: the loop pauses and offers the batch again."""
 

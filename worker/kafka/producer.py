@@ -15,6 +15,7 @@ from confluent_kafka import Producer as _RdProducer
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 Headers = Sequence[tuple[str, str | bytes]]
 
+
 class ProducerFatal(RuntimeError):
     """An output could not be written; the input it came from must not be committed."""
 
