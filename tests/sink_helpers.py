@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,14 @@ class Standins:
     def faults(self, destination: str, **faults: Any) -> None:
         self._call("POST", f"/_standin/{destination}/faults", faults)
 
-    def received(self, destination: str) -> dict[str, Any]:
-        return self._call("GET", f"/_standin/{destination}/received")
+    def received(self, destination: str, prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Every accepted item by dedupe id, or only those whose id starts with one of `prefixes`."""
+        query = "&".join(f"prefix={quote(prefix)}" for prefix in prefixes)
+        return self._call("GET", f"/_standin/{destination}/received" + (f"?{query}" if query else ""))
+
+    def received_keys(self, destination: str) -> list[str]:
+        """The accepted items' dedupe ids, in arrival order."""
+        return self._call("GET", f"/_standin/{destination}/received?keys")
 
     def stats(self, destination: str) -> dict[str, Any]:
         return self._call("GET", f"/_standin/{destination}/stats")

@@ -50,10 +50,10 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hypothesis
 import orjson
@@ -68,7 +68,7 @@ from tests.sink_helpers import DESTINATIONS, Standins, metric_value, start_sink
 from tests.unit.test_normaliser_fuzz import events as fuzz_events
 from worker.avro_codec import EventCodec
 from worker.config import Config
-from worker.destinations.base import Skip, Unmappable
+from worker.destinations.base import Destination, Skip, Unmappable
 from worker.dlq.headers import header_map
 from worker.kafka.broker import LoopbackBroker, free_port
 from worker.kafka.reading import assign_all, read_batches_until_quiet
@@ -177,6 +177,9 @@ def person_of(number: int) -> str:
     return f"anon-{number:03d}" if number % 8 == 7 else f"user-{number:03d}"
 
 
+PERSON_NAMES = [person_of(number) for number in range(PEOPLE)]  # one string each, shared by their events
+
+
 def through_collector(number: int) -> bool:
     return number % 3 == 0
 
@@ -257,11 +260,19 @@ def filtered_by_the_normaliser(body: bytes) -> bool:
     return bool(result.filtered) and not result.routed and not result.rejected
 
 
+class Origin(NamedTuple):
+    """What the check needs of a sent event (a soak sends millions: not the events themselves)."""
+
+    person: str  # its userId, else its anonymousId
+    seq: int  # its place in the person's sequence
+    identify: bool
+
+
 @dataclass
 class Traffic:
     """What was sent: every good event by messageId, in each person's sequence."""
 
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: dict[str, Origin] = field(default_factory=dict)
     via_collector: int = 0
     via_raw: int = 0
     collector_retries: int = 0
@@ -297,7 +308,9 @@ def run_traffic(
                 number = rng.randrange(PEOPLE)
                 sequences[number] += 1
                 event = event_for(SEED, number, sequences[number], rng)
-                traffic.events[event["messageId"]] = event
+                traffic.events[event["messageId"]] = Origin(
+                    PERSON_NAMES[number], sequences[number], event["type"] == "identify"
+                )
                 if through_collector(number):
                     batch.append(event)
                 else:
@@ -428,29 +441,41 @@ class Group:
 
 # Reading a soak's topics back takes minutes (1.8 million records each at 1,000 events/s for 30 min).
 READ_TIMEOUT = max(300.0, SECONDS / 2)
+# Fetch more a request than librdkafka's 1 MB a partition: the embedded broker answers a fetch only
+# when its wait runs out, so what one fetch brings sets how fast a soak's topics are read back.
+READER_FETCH = {"max.partition.fetch.bytes": str(16 << 20), "fetch.max.bytes": str(64 << 20)}
 
 
-def read_all(settings: Config, topic: str, idle: float = 2.0, timeout: float = READ_TIMEOUT) -> list[Message]:
-    """Every message of a topic, once none has arrived for `idle` seconds (or `timeout` has passed:
-    then the lag check below reports the partitions not read to their end)."""
-    consumer = settings.kafka.reader("chaos-reader")
+def scan(
+    settings: Config,
+    topic: str,
+    each: Callable[[Message], object],
+    idle: float = 2.0,
+    timeout: float = READ_TIMEOUT,
+) -> dict[int, int]:
+    """Call `each` for every message of a topic, keeping none (a soak's topics hold gigabytes),
+    until none has arrived for `idle` seconds (or `timeout` has passed: then the lag check reports
+    the partitions not read to their end). Returns each partition's end offset, as read: the
+    embedded broker's high watermark can be wrong after a multi-message batch
+    (docs/ARCHITECTURE.md); offsets read cannot."""
+    found = dict.fromkeys(range(PARTITIONS), 0)
+    consumer = settings.kafka.reader("chaos-reader", READER_FETCH)
     try:
         assign_all(consumer, [settings.names.full_topic(topic)])
-        seen: list[Message] = []
         for messages in read_batches_until_quiet(consumer, idle, time.monotonic() + timeout, batch=5000):
-            seen.extend(messages)
-        return seen
+            for message in messages:
+                each(message)
+                found[message.partition()] = max(found[message.partition()], message.offset() + 1)
+        return found
     finally:
         consumer.close()
 
 
-def ends(messages: list[Message]) -> dict[int, int]:
-    """Each partition's end offset, as seen by reading (the embedded broker's high watermark can be
-    wrong after a multi-message batch, docs/ARCHITECTURE.md; offsets read cannot)."""
-    found = dict.fromkeys(range(PARTITIONS), 0)
-    for message in messages:
-        found[message.partition()] = max(found[message.partition()], message.offset() + 1)
-    return found
+def read_all(settings: Config, topic: str) -> list[Message]:
+    """Every message of a small topic (a dead-letter topic)."""
+    messages: list[Message] = []
+    scan(settings, topic, messages.append, idle=1.0)
+    return messages
 
 
 def committed(settings: Config, role: str, topic: str) -> dict[int, int]:
@@ -681,27 +706,42 @@ def check(
         problems.append("the collector is not alive")
 
     # The normaliser's group at the end of segment.raw, then each sink's at the end of its topic.
-    raw = read_all(settings, "raw")
-    lag = {NORMALIZE: wait_caught_up(settings, NORMALIZE, "raw", ends(raw), DRAIN_TIMEOUT)}
-    dead_raw = read_all(settings, "dlq.raw", idle=1.0)
-    topics = {d: read_all(settings, f"dest.{d}") for d in DESTINATIONS}
+    lag = {NORMALIZE: wait_caught_up(settings, NORMALIZE, "raw", scan(settings, "raw", bool), DRAIN_TIMEOUT)}
+    dead_raw = read_all(settings, "dlq.raw")
+    dead_raw_ids = {m.group(1).decode() for message in dead_raw if (m := MESSAGE_ID.search(message.value() or b""))}
+    last_identify: dict[str, int] = {}
+    for origin in traffic.events.values():
+        if origin.identify:
+            last_identify[origin.person] = max(last_identify.get(origin.person, 0), origin.seq)
+    summary: dict[str, Any] = {"destinations": {}}
+    statuses: Counter[str] = Counter()
+    passed_on: set[str] = set()  # messageIds on a dest topic that were not sent as good events: poison
     for destination in DESTINATIONS:
+        topic = DestTopic(settings.destination(destination, require_key=False), traffic)  # pure mapping: no key
         lag[destination] = wait_caught_up(
-            settings, sink_role(destination), f"dest.{destination}", ends(topics[destination]), DRAIN_TIMEOUT
+            settings,
+            sink_role(destination),
+            f"dest.{destination}",
+            scan(settings, f"dest.{destination}", topic.add),
+            DRAIN_TIMEOUT,
         )
+        passed_on |= topic.unsent
+        problems += check_destination(
+            settings, standins, destination, topic, traffic, dead_raw_ids, last_identify, summary, statuses
+        )
+        del topic  # a soak's topic summary is hundreds of megabytes: one destination at a time
     for name, behind in lag.items():
         if any(behind.values()):
             problems.append(f"{name}: lag {behind} after {DRAIN_TIMEOUT:g}s")
 
     # The poison: dead-lettered by the normaliser with a reason, or passed on (then a destination
-    # dead-letters or skips it below, by its own mapping).
+    # dead-letters or skips it above, by its own mapping).
     raw_reasons: dict[str, str] = {}
     for message in dead_raw:
         if marker := marker_of(message.value() or b""):
             raw_reasons[marker] = header_map(message.headers()).get("error", "")
     if reasonless := [m.offset() for m in dead_raw if not header_map(m.headers()).get("error")]:
         problems.append(f"normaliser dead letters without a reason at offsets {reasonless[:5]}")
-    on_topics = {e["messageId"] for d in DESTINATIONS for e in decoded(topics[d])}
     filtered = 0
     reasonless_poison: list[str] = []
     unaccounted: list[str] = []
@@ -710,7 +750,7 @@ def check(
         if name in raw_reasons:
             if not raw_reasons[name]:
                 reasonless_poison.append(str(name))
-        elif name not in on_topics:
+        elif name not in passed_on:
             if filtered_by_the_normaliser(body):
                 filtered += 1
             else:
@@ -722,9 +762,7 @@ def check(
         )
     if unaccounted:
         problems.append(f"{len(unaccounted)} poison bodies neither dead-lettered nor passed on, e.g. {unaccounted[:2]}")
-    dead_raw_ids = {m.group(1).decode() for message in dead_raw if (m := MESSAGE_ID.search(message.value() or b""))}
-
-    summary: dict[str, Any] = {
+    summary = {
         "sent": len(traffic.events),
         "via collector": traffic.via_collector,
         "via raw": traffic.via_raw,
@@ -732,156 +770,163 @@ def check(
         "poison sent": len(POISON) * 3 + len(poison),
         "poison filtered by integrations": filtered,
         "dead-lettered raw": len(dead_raw),
-        "destinations": {},
+        **summary,
         "lag": {name: sum(behind.values()) for name, behind in lag.items()},
         "killed": {name: group.killed for name, group in groups.items() if group.killed},
-        "faults": {},
     }
-    last_identify: dict[str, int] = {}
-    for event in traffic.events.values():
-        if event["type"] == "identify":
-            last_identify[event["userId"]] = max(last_identify.get(event["userId"], 0), event["traits"]["seq"])
-    statuses: Counter[str] = Counter()
-    for destination in DESTINATIONS:
-        events = decoded(topics[destination])
-        missing_on_topic = set(traffic.events) - {e["messageId"] for e in events} - dead_raw_ids
-        if missing_on_topic:
-            problems.append(
-                f"{destination}: {len(missing_on_topic)} sent events never reached its topic: {sorted(missing_on_topic)[:5]}; "
-                f"where they are: {where_found(sorted(missing_on_topic)[:5], raw, topics)}"
-            )
-        wrong_key = [
-            e["messageId"] for e, key in keyed(topics[destination]) if key != (e.get("userId") or e.get("anonymousId"))
-        ]
-        if wrong_key:
-            problems.append(f"{destination}: {len(wrong_key)} events keyed by someone else: {wrong_key[:5]}")
-        mapping = settings.destination(destination, require_key=False)  # mapping is pure: no key needed
-        expected: dict[str, tuple[str, int]] = {}  # dedupe key -> (person, seq)
-        unmappable: set[str] = set()
-        skipped = 0
-        for event in events:
-            try:
-                items = mapping.map_event(event)
-            except Skip:
-                skipped += 1
-                continue
-            except Unmappable:
-                unmappable.add(event["messageId"])
-                continue
-            origin = traffic.events.get(event["messageId"])
-            for item in items:
-                if not item.dedupe_id.startswith(UPSERT_PREFIXES) and keyed_by_dedupe_id(destination, item.endpoint):
-                    expected[item.dedupe_id] = (person_key(origin or event), seq_of(origin))
-        received = quiet_received(standins, destination)
-        stats = standins.stats(destination)
-        statuses.update({f"{destination} {code}": n for code, n in stats["statuses"].items() if code != "200"})
-        events_received = [key for key in received if not key.startswith(UPSERT_PREFIXES)]
-        dead = {
-            CODEC.decode(m.value())[0]["messageId"]: header_map(m.headers())
-            for m in read_all(settings, f"dlq.{destination}", idle=1.0)
-        }
-        unexpected = set(events_received) - set(expected)
-        lost = set(expected) - set(events_received) - set(dead)
-        if unexpected:
-            problems.append(
-                f"{destination}: {len(unexpected)} arrived that nothing asked for: {sorted(unexpected)[:5]}"
-            )
-        if lost:
-            problems.append(
-                f"{destination}: {len(lost)} LOST (neither delivered nor dead-lettered): {sorted(lost)[:5]}"
-            )
-        if missing := unmappable - set(dead):
-            problems.append(f"{destination}: {len(missing)} unmappable events not dead-lettered: {sorted(missing)[:5]}")
-        if reasonless := [key for key, headers in dead.items() if not headers.get("error")]:
-            problems.append(f"{destination}: dead letters without a reason: {reasonless[:5]}")
-        good_dead = sorted(set(dead) & set(traffic.events))
-        # Order: each person's sequence numbers in the order their events first arrived.
-        arrived: dict[str, list[int]] = defaultdict(list)
-        for key in events_received:
-            if key in expected and expected[key][1] >= 0:
-                arrived[expected[key][0]].append(expected[key][1])
-        inverted = {who: inversions(seqs) for who, seqs in arrived.items() if inversions(seqs)}
-        if inverted:
-            problems.append(f"{destination}: people with events out of order: {inverted}")
-        # Upserts keep the last write: a contact or customer with a firstName holds the last identify.
-        stale = {}
-        for key, item in received.items():
-            if key.startswith(UPSERT_PREFIXES):
-                text = json.dumps(item)
-                who, version = PERSON.search(text), FIRST_NAME.search(text)
-                if who and version and int(version.group(1)) != last_identify.get(who.group(0)):
-                    stale[key] = (int(version.group(1)), last_identify.get(who.group(0)))
-        if stale:
-            problems.append(f"{destination}: upserts not holding the person's last identify (held, last): {stale}")
-        summary["destinations"][destination] = {
-            "expected": len(expected),
-            "delivered": len(set(events_received) & set(expected)),
-            "upserts": len(received) - len(events_received),
-            "skipped": skipped,
-            "dead-lettered": len(dead),
-            "good dead-lettered": len(good_dead),
-            # The stand-in's count: a repeat of an event key, or an upsert identical to what it holds
-            # (Reteno's device record is the same on each identify, so it counts one per identify).
-            "duplicates suppressed": stats["duplicates"],
-            # Records the normaliser wrote again after a kill -9 (redone from its last commit).
-            "redone on topic": len(topics[destination]) - len(events),
-            "inversions": sum(inverted.values()),
-            "stale upserts": len(stale),
-            "requests": stats["requests"],
-        }
-        if good_dead:
-            problems.append(
-                f"{destination}: {len(good_dead)} good events dead-lettered under transient faults, e.g. "
-                f"{good_dead[0]}: {dead[good_dead[0]]}"
-            )
     summary["faults"] = {"responses": dict(statuses)}
     return summary, problems
 
 
-def where_found(message_ids: list[str], raw: list[Message], topics: dict[str, list[Message]]) -> dict[str, Any]:
+class DestTopic:
+    """What a dest topic holds, summed up while it is read (`add`, each record once): its events
+    mapped by the destination's own `map_event` into the items the stand-in should hold."""
+
+    def __init__(self, mapping: Destination, traffic: Traffic) -> None:
+        self.mapping = mapping
+        self.traffic = traffic
+        self.records = 0
+        self.seen: set[str] = set()  # messageIds: a normaliser redoing after a kill -9 writes some again
+        self.unsent: set[str] = set()  # messageIds of events not sent as good ones (poison passed on)
+        self.wrong_key: list[str] = []
+        self.expected: dict[str, tuple[str, int]] = {}  # dedupe key -> (person, seq)
+        self.unmappable: set[str] = set()
+        self.skipped = 0
+
+    def add(self, message: Message) -> None:
+        self.records += 1
+        event = CODEC.decode(message.value())[0]
+        message_id = event["messageId"]
+        person = event.get("userId") or event.get("anonymousId") or ""
+        if (message.key() or b"").decode() != person:
+            self.wrong_key.append(message_id)
+        if message_id in self.seen:
+            return
+        self.seen.add(message_id)
+        origin = self.traffic.events.get(message_id)
+        if origin is None:
+            self.unsent.add(message_id)
+        try:
+            items = self.mapping.map_event(event)
+        except Skip:
+            self.skipped += 1
+            return
+        except Unmappable:
+            self.unmappable.add(message_id)
+            return
+        for item in items:
+            if not item.dedupe_id.startswith(UPSERT_PREFIXES) and keyed_by_dedupe_id(self.mapping.name, item.endpoint):
+                # Poison passed on is nobody's sequence (-1).
+                self.expected[item.dedupe_id] = (origin.person, origin.seq) if origin else (person, -1)
+
+
+def check_destination(
+    settings: Config,
+    standins: Standins,
+    destination: str,
+    topic: DestTopic,
+    traffic: Traffic,
+    dead_raw_ids: set[str],
+    last_identify: dict[str, int],
+    summary: dict[str, Any],
+    statuses: Counter[str],
+) -> list[str]:
+    """One destination's promises: everything sent reached its topic, and the stand-in holds each
+    expected item once (or it was dead-lettered with a reason), in each person's order."""
+    problems: list[str] = []
+    if missing_on_topic := set(traffic.events) - topic.seen - dead_raw_ids:
+        first = sorted(missing_on_topic)[:5]
+        problems.append(
+            f"{destination}: {len(missing_on_topic)} sent events never reached its topic: {first}; "
+            f"where they are: {where_found(settings, first)}"
+        )
+    if topic.wrong_key:
+        problems.append(f"{destination}: {len(topic.wrong_key)} events keyed by someone else: {topic.wrong_key[:5]}")
+    expected = topic.expected
+    quiet_received(standins, destination)
+    events_received = [key for key in standins.received_keys(destination) if not key.startswith(UPSERT_PREFIXES)]
+    upserts = standins.received(destination, UPSERT_PREFIXES)
+    stats = standins.stats(destination)
+    statuses.update({f"{destination} {code}": n for code, n in stats["statuses"].items() if code != "200"})
+    dead = {
+        CODEC.decode(m.value())[0]["messageId"]: header_map(m.headers())
+        for m in read_all(settings, f"dlq.{destination}")
+    }
+    if unexpected := set(events_received) - set(expected):
+        problems.append(f"{destination}: {len(unexpected)} arrived that nothing asked for: {sorted(unexpected)[:5]}")
+    if lost := set(expected) - set(events_received) - set(dead):
+        problems.append(f"{destination}: {len(lost)} LOST (neither delivered nor dead-lettered): {sorted(lost)[:5]}")
+    if missing := topic.unmappable - set(dead):
+        problems.append(f"{destination}: {len(missing)} unmappable events not dead-lettered: {sorted(missing)[:5]}")
+    if reasonless := [key for key, headers in dead.items() if not headers.get("error")]:
+        problems.append(f"{destination}: dead letters without a reason: {reasonless[:5]}")
+    good_dead = sorted(set(dead) & set(traffic.events))
+    # Order: each person's sequence numbers in the order their events first arrived.
+    arrived: dict[str, list[int]] = defaultdict(list)
+    for key in events_received:
+        if key in expected and expected[key][1] >= 0:
+            arrived[expected[key][0]].append(expected[key][1])
+    inverted = {who: inversions(seqs) for who, seqs in arrived.items() if inversions(seqs)}
+    if inverted:
+        problems.append(f"{destination}: people with events out of order: {inverted}")
+    # Upserts keep the last write: a contact or customer with a firstName holds the last identify.
+    stale = {}
+    for key, item in upserts.items():
+        text = json.dumps(item)
+        who, version = PERSON.search(text), FIRST_NAME.search(text)
+        if who and version and int(version.group(1)) != last_identify.get(who.group(0)):
+            stale[key] = (int(version.group(1)), last_identify.get(who.group(0)))
+    if stale:
+        problems.append(f"{destination}: upserts not holding the person's last identify (held, last): {stale}")
+    summary["destinations"][destination] = {
+        "expected": len(expected),
+        "delivered": len(set(events_received) & set(expected)),
+        "upserts": len(upserts),
+        "skipped": topic.skipped,
+        "dead-lettered": len(dead),
+        "good dead-lettered": len(good_dead),
+        # The stand-in's count: a repeat of an event key, or an upsert identical to what it holds
+        # (Reteno's device record is the same on each identify, so it counts one per identify).
+        "duplicates suppressed": stats["duplicates"],
+        # Records the normaliser wrote again after a kill -9 (redone from its last commit).
+        "redone on topic": topic.records - len(topic.seen),
+        "inversions": sum(inverted.values()),
+        "stale upserts": len(stale),
+        "requests": stats["requests"],
+    }
+    if good_dead:
+        problems.append(
+            f"{destination}: {len(good_dead)} good events dead-lettered under transient faults, e.g. "
+            f"{good_dead[0]}: {dead[good_dead[0]]}"
+        )
+    return problems
+
+
+def where_found(settings: Config, message_ids: list[str]) -> dict[str, Any]:
     """For a failure's message: each event's (partition, offset) on segment.raw and on each dest topic
-    that has it, to tell a write that never happened from one the broker did not serve back."""
-    wanted = set(message_ids)
+    that has it, to tell a write that never happened from one the broker did not serve back. (Reads
+    the topics again: only a failed run asks.)"""
     found: dict[str, dict[str, list[tuple[int, int]]]] = {m: defaultdict(list) for m in message_ids}
-    for message in raw:
-        if (m := MESSAGE_ID.search(message.value() or b"")) and (mid := m.group(1).decode()) in wanted:
+
+    def on_raw(message: Message) -> None:
+        if (m := MESSAGE_ID.search(message.value() or b"")) and (mid := m.group(1).decode()) in found:
             found[mid]["raw"].append((message.partition(), message.offset()))
-    for destination, messages in topics.items():
-        for message in messages:
+
+    scan(settings, "raw", on_raw)
+    for destination in DESTINATIONS:
+
+        def on_dest(message: Message, destination: str = destination) -> None:
             try:
                 mid = CODEC.decode(message.value())[0]["messageId"]
             except Exception:  # the poison passed on is not ours to read here
-                continue
-            if mid in wanted:
+                return
+            if mid in found:
                 found[mid][destination].append((message.partition(), message.offset()))
+
+        scan(settings, f"dest.{destination}", on_dest)
     return {mid: dict(places) for mid, places in found.items()}
-
-
-def decoded(messages: list[Message]) -> list[dict[str, Any]]:
-    """A destination topic's events, each messageId once (a normaliser redoing after a kill -9 writes
-    some again: at-least-once into Kafka)."""
-    seen: dict[str, dict[str, Any]] = {}
-    for message in messages:
-        event = CODEC.decode(message.value())[0]
-        seen.setdefault(event["messageId"], event)
-    return list(seen.values())
-
-
-def keyed(messages: list[Message]) -> Iterator[tuple[dict[str, Any], str]]:
-    for message in messages:
-        yield CODEC.decode(message.value())[0], (message.key() or b"").decode()
 
 
 def keyed_by_dedupe_id(destination: str, endpoint: str) -> bool:
     """The endpoints whose stand-in records items by the item's dedupe id (its events)."""
     return endpoint in {"amplitude": {"events"}, "amberflo": {"ingest"}}.get(destination, {"events"})
-
-
-def person_key(event: dict[str, Any]) -> str:
-    return event.get("userId") or event.get("anonymousId") or ""
-
-
-def seq_of(event: dict[str, Any] | None) -> int:
-    if event is None:
-        return -1  # poison passed on: not part of anyone's sequence
-    return int((event.get("properties") or event.get("traits") or {}).get("seq", -1))

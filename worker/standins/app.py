@@ -27,7 +27,15 @@ def make_app(credentials: dict[str, str]) -> web.Application:
         return web.json_response(state.summary())
 
     async def received(request: web.Request) -> web.Response:
-        return web.json_response(_state(request).received)  # dedupe id -> item, in arrival order
+        """Dedupe id -> item, in arrival order. `?keys` gives only the ids (a list), `?prefix=P`
+        (repeatable) only the items whose id starts with one of them: a soak's stand-in holds
+        millions of items, too many to send whole."""
+        held = _state(request).received
+        if "keys" in request.query:
+            return web.json_response(list(held))
+        if prefixes := tuple(request.query.getall("prefix", [])):
+            held = {key: item for key, item in held.items() if key.startswith(prefixes)}
+        return web.json_response(held)
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(_state(request).summary())

@@ -3,6 +3,7 @@
 Control API (JSON), served by the stand-in app for tests and operators:
 - `POST /_standin/{dest}/faults`   body = Faults fields to set; `{}` resets
 - `GET  /_standin/{dest}/received` accepted items by the API's dedupe key, in arrival order
+  (`?keys`: only the keys; `?prefix=P`, repeatable: only the items whose key starts with P)
 - `GET  /_standin/{dest}/stats`    requests by status code, duplicates suppressed
 - `POST /_standin/{dest}/reset`    forget everything
 """
