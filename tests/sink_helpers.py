@@ -44,10 +44,10 @@ class Standins:
         """What a sink needs to talk to these stand-ins."""
         return standin_env(self.base)
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
         data = None if body is None else orjson.dumps(body)
         request = urllib.request.Request(self.base + path, data=data, method=method)
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return orjson.loads(response.read())
 
     def reset_all(self) -> None:
@@ -60,11 +60,12 @@ class Standins:
     def received(self, destination: str, prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
         """Every accepted item by dedupe id, or only those whose id starts with one of `prefixes`."""
         query = "&".join(f"prefix={quote(prefix)}" for prefix in prefixes)
-        return self._call("GET", f"/_standin/{destination}/received" + (f"?{query}" if query else ""))
+        # A soak's stand-in holds millions of items and is busy with the other sinks' drains.
+        return self._call("GET", f"/_standin/{destination}/received" + (f"?{query}" if query else ""), timeout=120)
 
     def received_keys(self, destination: str) -> list[str]:
         """The accepted items' dedupe ids, in arrival order."""
-        return self._call("GET", f"/_standin/{destination}/received?keys")
+        return self._call("GET", f"/_standin/{destination}/received?keys", timeout=120)
 
     def stats(self, destination: str) -> dict[str, Any]:
         return self._call("GET", f"/_standin/{destination}/stats")

@@ -103,10 +103,11 @@ HYPOTHESIS_POISON = 20  # drawn at each of the three poison moments
 BASE_FAULTS = {"error_rate": 0.05, "timeout_rate": 0.01, "timeout_seconds": 3.0}
 SINK_ENV = {"SINK_REQUEST_TIMEOUT": "2"}  # CPU contention on 2 cores must not pass for a timeout
 SETTLE_TIMEOUT = 60.0
-# After the traffic, the slowest sink works off what its last kill left uncommitted: Reteno takes one
-# item a request, eight at once, so at 1,000 events/s it runs near its capacity and a kill's redo
-# waits for the traffic to end (a 10-minute run left 171,000 records, ~3 minutes of its requests).
-DRAIN_TIMEOUT = 60.0 + SECONDS / 4
+# After the traffic, the slowest sinks work off their backlog: Reteno and Brevo take one item a
+# request, eight at once, and the background hangs hold a request for the 2 s timeout, so at 1,000
+# events/s they fall behind all through a soak (a 30-minute one left each 1.3 million records) and
+# drain at 1,000-2,500 items/s once the faults stop, while this test reads the topics back.
+DRAIN_TIMEOUT = 60.0 + SECONDS / 2
 CODEC = EventCodec()
 PERSON = re.compile(r"(?:user|anon)-\d{3}")
 FIRST_NAME = re.compile(r"v(\d{7})")
@@ -498,8 +499,8 @@ def wait_caught_up(settings: Config, role: str, topic: str, end: dict[int, int],
     return lag
 
 
-def quiet_received(standins: Standins, destination: str, quiet: float = 2.0, timeout: float = 60.0) -> dict[str, Any]:
-    """What the stand-in holds once its count and duplicates have not changed for `quiet` seconds."""
+def wait_quiet(standins: Standins, destination: str, quiet: float = 2.0, timeout: float = 60.0) -> None:
+    """Until the stand-in's count, duplicates and requests have not changed for `quiet` seconds."""
     deadline = time.monotonic() + timeout
     stats = standins.stats(destination)
     since = time.monotonic()
@@ -512,7 +513,6 @@ def quiet_received(standins: Standins, destination: str, quiet: float = 2.0, tim
             stats["requests"],
         ):
             stats, since = now, time.monotonic()
-    return standins.received(destination)
 
 
 def inversions(sequence: list[int]) -> int:
@@ -576,7 +576,7 @@ def groups(settings: Config, clean_standins: Standins, tmp_path: Path) -> Iterat
 
 # The suite's default timeout is for short tests: this one takes the traffic's length, plus start-up,
 # settling and the drain.
-@pytest.mark.timeout(int(SECONDS * 2 + 600))
+@pytest.mark.timeout(int(SECONDS * 2.5 + 600))
 def test_the_pipeline_keeps_its_promises_through_kills_scaling_storms_and_outages(
     settings: Config, clean_standins: Standins, groups: dict[str, Group], tmp_path: Path
 ) -> None:
@@ -843,7 +843,7 @@ def check_destination(
     if topic.wrong_key:
         problems.append(f"{destination}: {len(topic.wrong_key)} events keyed by someone else: {topic.wrong_key[:5]}")
     expected = topic.expected
-    quiet_received(standins, destination)
+    wait_quiet(standins, destination)
     events_received = [key for key in standins.received_keys(destination) if not key.startswith(UPSERT_PREFIXES)]
     upserts = standins.received(destination, UPSERT_PREFIXES)
     stats = standins.stats(destination)
