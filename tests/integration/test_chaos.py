@@ -835,7 +835,7 @@ def check_destination(
     expected item once (or it was dead-lettered with a reason), in each person's order."""
     problems: list[str] = []
     if missing_on_topic := set(traffic.events) - topic.seen - dead_raw_ids:
-        first = sorted(missing_on_topic)[:5]
+        first = sorted(missing_on_topic)[:30]  # enough to show a whole skipped range
         problems.append(
             f"{destination}: {len(missing_on_topic)} sent events never reached its topic: {first}; "
             f"where they are: {where_found(settings, first)}"
