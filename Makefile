@@ -57,11 +57,12 @@ fuzz: install
 
 # The chaos test of tests/integration/test_chaos.py for 30 minutes at 1,000 events/s instead of
 # `make test`'s 40 s at 100 (CHAOS_SEED picks the schedule; docs/RELIABILITY.md has the figures).
+SOAK := CHAOS_SECONDS=1800 CHAOS_RATE=1000 $(PY) -m pytest -q tests/integration/test_chaos.py -s
 soak: install
-	CHAOS_SECONDS=1800 CHAOS_RATE=1000 $(PY) -m pytest -q tests/integration/test_chaos.py --broker embedded -s
+	$(SOAK) --broker embedded
 
 soak-apache-kafka: install
-	CHAOS_SECONDS=1800 CHAOS_RATE=1000 $(PY) -m pytest -q tests/integration/test_chaos.py --broker apache-kafka -s
+	$(SOAK) --broker apache-kafka
 
 test-embedded: install
 	$(PY) -m pytest -q --broker embedded

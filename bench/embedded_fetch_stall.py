@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker.kafka.broker import EmbeddedBroker, free_port
+from worker.kafka.producer import Producer
 
 TAIL = 100
 VALUE = b'{"event":"' + b"x" * 1400 + b'"}'
@@ -32,12 +33,7 @@ def write_batches(servers: str, topic: str, count: int) -> None:
     # One message a batch: no linger and batch.num.messages 1, as a trickle of events gives.
     producer = Producer({"bootstrap.servers": servers, "linger.ms": 0, "batch.num.messages": 1})
     for number in range(count):
-        while True:
-            try:
-                producer.produce(topic, VALUE, str(number))
-                break
-            except BufferError:
-                producer.poll(0.01)
+        producer.produce(topic, VALUE, str(number))  # waits for room when librdkafka's queue is full
         producer.poll(0)
     producer.flush(120)
 
