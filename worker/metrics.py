@@ -13,6 +13,12 @@ PAUSED_PARTITIONS = Gauge("segment_worker_paused_partitions", "Partitions paused
 CONSUMER_LAG = Gauge(
     "segment_worker_consumer_lag", "Messages behind the partition's end (librdkafka statistics)", ["topic", "partition"]
 )
+OFFSET_GAPS = Counter(
+    "segment_worker_offset_gaps_total",
+    "Jumps forward in a partition's consumed offsets (worker.kafka.offsets)",
+    ["topic"],
+)
+OFFSETS_SKIPPED = Counter("segment_worker_offsets_skipped_total", "Offsets inside those jumps, not consumed", ["topic"])
 REBALANCES = Counter("segment_worker_rebalances_total", "Rebalance callbacks", ["kind"])
 COMMITS = Counter("segment_worker_commits_total", "Synchronous commits (revoke, shutdown)", ["reason"])
 BATCH_SIZE = Histogram(

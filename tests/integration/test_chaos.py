@@ -731,6 +731,10 @@ def check(
             settings, standins, destination, topic, traffic, dead_raw_ids, last_identify, summary, statuses, missing
         )
         del topic  # a soak's topic summary is hundreds of megabytes: one destination at a time
+    # No topic here is compacted or written in transactions: any offset a role's consumer skipped
+    # (worker.kafka.offsets) is a loss, and names where it happened.
+    if gaps := skipped_offsets(collector.log_path.parent):
+        problems.append(f"{len(gaps)} offset gaps in what the roles consumed: {gaps[:10]}")
     if missing:
         # Once for all destinations: it reads every topic again (minutes in a soak).
         first = sorted(missing)[:30]  # enough to show a whole skipped range
@@ -931,6 +935,20 @@ def where_found(settings: Config, message_ids: list[str]) -> dict[str, Any]:
 
         scan(settings, f"dest.{destination}", on_dest)
     return {mid: dict(places) for mid, places in found.items()}
+
+
+def skipped_offsets(log_dir: Path) -> list[str]:
+    """The consumer loop's "offsets skipped" warnings in every role's log, killed members' too."""
+    found = []
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"offsets skipped' in line:
+                entry = orjson.loads(line)
+                found.append(
+                    f"{path.stem} {entry['timestamp']} {entry['topic']}[{entry['partition']}] "
+                    f"{entry['first']}-{entry['last']}"
+                )
+    return found
 
 
 def keyed_by_dedupe_id(destination: str, endpoint: str) -> bool:

@@ -34,6 +34,9 @@ from worker.kafka.offsets import Batch, OffsetTracker, TopicPartitionKey
 
 log = logs.get(__name__)
 
+GAPS_LOGGED = 100  # a transactional producer leaves a gap per transaction: log the first ones, count all
+COMMITTED_TIMEOUT = 5.0  # seconds for the committed offsets of a new assignment
+
 
 class Backpressure(Exception):
     """Raised by `Strategy.submit` before taking anything: the loop pauses and offers the batch again."""
@@ -106,6 +109,7 @@ class ConsumerLoop:
         self._stopping = False
         self._drained_for_shutdown = False
         self._consumer: Consumer | None = None
+        self._gaps_logged = 0
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler."""
@@ -159,6 +163,8 @@ class ConsumerLoop:
         for topic, count in per_topic.items():
             metrics.CONSUMED.labels(topic).inc(count)
         batch = self.tracker.track(good)
+        if self.tracker.gaps:
+            self._report_gaps()
         if self._carry:  # keep order: nothing overtakes a refused batch
             self._carry.append(batch)
             return
@@ -187,6 +193,39 @@ class ConsumerLoop:
         log.warning("consumer error", error=str(error))
 
     # -- offsets ----------------------------------------------------------------------------------
+
+    def _report_gaps(self) -> None:
+        """Offsets the consumer never saw. A compacted topic, a transaction's marker or retention
+        explain some; anything else lost records (a broker that served them out of order), so each
+        is logged (the first hundred; the metrics count all)."""
+        for gap in self.tracker.gaps:
+            topic, partition = gap.partition
+            metrics.OFFSET_GAPS.labels(topic).inc()
+            metrics.OFFSETS_SKIPPED.labels(topic).inc(gap.got - gap.expected)
+            self._gaps_logged += 1
+            if self._gaps_logged <= GAPS_LOGGED:
+                log.warning(
+                    "offsets skipped: not consumed (compaction, a transaction marker or retention explain"
+                    " some gaps; otherwise the broker did not serve these records)",
+                    topic=topic,
+                    partition=partition,
+                    first=gap.expected,
+                    last=gap.got - 1,
+                    further_gaps_only_counted=self._gaps_logged == GAPS_LOGGED,
+                )
+        self.tracker.gaps.clear()
+
+    def _expect_committed(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Tell the tracker where each assigned partition starts, so a first batch that does not
+        begin there shows as a gap. One OffsetFetch a rebalance; without an answer, nothing is
+        compared for the partitions' first batch."""
+        try:
+            committed = consumer.committed(partitions, timeout=COMMITTED_TIMEOUT)
+        except KafkaException as exc:
+            log.info("committed offsets not read; first batches unchecked", error=str(exc))
+            committed = [TopicPartition(p.topic, p.partition, -1001) for p in partitions]
+        for tp in committed:
+            self.tracker.expect((tp.topic, tp.partition), tp.offset if tp.offset >= 0 else None)
 
     def _store_done(self) -> None:
         ready = self.tracker.pop_committable()
@@ -262,6 +301,7 @@ class ConsumerLoop:
         keys = _keys(partitions)
         self.assignment.update(keys)
         if partitions:
+            self._expect_committed(consumer, partitions)
             if self._carry:
                 consumer.pause(partitions)
                 self._paused.update(keys)

@@ -3,15 +3,30 @@
 Batches finish out of order (a sink retries one batch while the next succeeds), but a committed
 offset says "everything before this is done", so only a done prefix may be stored. Tracking is per
 consumed batch and partition, not per message: one ticket per partition a batch touches.
+
+The tracker also notices what the consumer skipped: within one assignment a partition's offsets
+follow on from each other, and the first one after an assignment is the committed offset. A jump
+forward is a gap: expected on a compacted topic, after a transaction's marker, or where retention
+removed what was committed, and a loss anywhere else (a broker that served records out of order).
+It is reported (`Gap`), never hidden: the loop logs and counts it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import NamedTuple
 
 from confluent_kafka import Message
 
 TopicPartitionKey = tuple[str, int]
+
+
+class Gap(NamedTuple):
+    """Offsets [expected, got) of a partition that were not consumed."""
+
+    partition: TopicPartitionKey
+    expected: int
+    got: int
 
 
 class Ticket:
@@ -48,17 +63,46 @@ class Batch:
 class OffsetTracker:
     def __init__(self) -> None:
         self._in_flight: dict[TopicPartitionKey, deque[Ticket]] = {}
+        self._next: dict[TopicPartitionKey, int] = {}  # the offset each partition should show next
+        self.gaps: list[Gap] = []  # found by `track`, for the caller to report and clear
+
+    def expect(self, key: TopicPartitionKey, offset: int | None) -> None:
+        """The partition was just assigned and starts at `offset` (its committed offset; None when
+        it has none, and auto.offset.reset decides)."""
+        if offset is None:
+            self._next.pop(key, None)
+        else:
+            self._next[key] = offset
 
     def track(self, messages: list[Message]) -> Batch:
         """Messages of one consume() call, in order; their tickets join each partition's queue."""
         highest: dict[TopicPartitionKey, int] = {}
+        counts: dict[TopicPartitionKey, int] = {}
         for message in messages:
-            highest[(message.topic(), message.partition())] = message.offset()  # offsets rise within a partition
+            key = (message.topic(), message.partition())
+            highest[key] = message.offset()  # offsets rise within a partition
+            counts[key] = counts.get(key, 0) + 1
         tickets = {}
+        following = self._next
         for key, offset in highest.items():
             ticket = tickets[key] = Ticket(offset)
             self._in_flight.setdefault(key, deque()).append(ticket)
+            # Contiguous, and on from the last batch (or the assignment), exactly when the count
+            # matches: one comparison a partition, the messages are looked at only when it does not.
+            start = following.get(key)
+            if start is not None and offset + 1 - start != counts[key]:
+                self._find_gaps(messages, key, start)
+            following[key] = offset + 1
         return Batch(messages, tickets)
+
+    def _find_gaps(self, messages: list[Message], key: TopicPartitionKey, expected: int) -> None:
+        for message in messages:
+            if (message.topic(), message.partition()) != key:
+                continue
+            offset = message.offset()
+            if offset > expected:
+                self.gaps.append(Gap(key, expected, offset))
+            expected = max(expected, offset + 1)  # an offset below it is a re-read, not a gap
 
     def pop_committable(self) -> dict[TopicPartitionKey, int]:
         """Remove the done prefix of each partition and return the next offset to commit for it
@@ -80,3 +124,4 @@ class OffsetTracker:
         """Drop partitions we no longer own; their unfinished messages will be re-read by the new owner."""
         for key in keys:
             self._in_flight.pop(key, None)
+            self._next.pop(key, None)
