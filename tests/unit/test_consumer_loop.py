@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from confluent_kafka import Producer as RdProducer
 from confluent_kafka import TopicPartition
 from prometheus_client import REGISTRY
 
@@ -561,3 +562,33 @@ def test_a_drain_that_times_out_is_not_repeated_at_shutdown(broker, prefix, comm
     assert strategy.calls.count("drain") == 1 and elapsed < 3.0, (
         f"drained {strategy.calls.count('drain')}x in {elapsed:.1f}s"
     )
+
+
+@pytest.mark.parametrize(
+    ("committed_at", "consumed"),
+    [(1, [1, 2, 4, 5, 6]), (3, [4, 5, 6])],
+    ids=["a-marker-inside-the-assignment", "an-assignment-starting-at-a-marker"],
+)
+def test_offsets_the_consumer_never_saw_are_counted(broker, prefix, committed_at, consumed):
+    """A committed transaction leaves its marker at an offset no consumer is given: a real gap of
+    one, like those a compacted topic or a broker that skips records makes. Seen within an
+    assignment, or as an assignment whose first record is not at the group's committed offset."""
+    config, topic = new_topic(broker, prefix, 1)
+    transactional = {"transactional.id": f"{prefix}-gaps", "message.timeout.ms": "30000"}
+    producer = RdProducer(config.kafka.producer_config(transactional))
+    producer.init_transactions(15)
+    for transaction in range(2):
+        producer.begin_transaction()
+        for i in range(3):
+            producer.produce(topic, f"t{transaction}-{i}".encode(), partition=0)
+        producer.commit_transaction(15)  # offsets 0-2, a marker at 3; 4-6, a marker at 7
+    committer = config.kafka.consumer(ROLE, {"enable.auto.commit": "false"})
+    committer.commit(offsets=[TopicPartition(topic, 0, committed_at)], asynchronous=False)
+    committer.close()
+    strategy = Recorder(finish=lambda _batch: True)
+    loop = make_loop(broker, config, topic, strategy, QUICK_COMMITS, batch_size=2)
+    with running(loop):
+        wait_for(lambda: len(strategy.accepted_coordinates()) == len(consumed), 15, f"offsets {consumed}")
+    assert strategy.accepted_coordinates() == [(0, offset) for offset in consumed]
+    assert metric("segment_worker_offset_gaps_total", topic=topic) == 1
+    assert metric("segment_worker_offsets_skipped_total", topic=topic) == 1
