@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
+from tests.standin_helpers import serve_app
 from worker.standins.app import make_app
 from worker.standins.server import credentials_from
 
@@ -21,16 +21,8 @@ EVENT = {"eventTypeKey": "Order Completed", "params": [{"name": "externalCustome
 
 def run(scenario: Callable[[aiohttp.ClientSession, str], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        runner = web.AppRunner(make_app(CREDENTIALS))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        try:
-            async with aiohttp.ClientSession() as session:
-                return await scenario(session, f"http://{host}:{port}")
-        finally:
-            await runner.cleanup()
+        async with serve_app(make_app(CREDENTIALS)) as base, aiohttp.ClientSession() as session:
+            return await scenario(session, base)
 
     return asyncio.run(main())
 
