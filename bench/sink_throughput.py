@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -224,11 +226,31 @@ def run_destination(
         SINK_PER_USER_ORDER=str(per_user_order).lower(),
         CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}-",
     )
+    profiler = start_profiler(sink.pid, args.profile / f"sink-{destination}-{mode}.txt") if args.profile else None
     try:
         watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
         return measure(standins, destination, args.events, sink, watched, args.timeout)
     finally:
+        if profiler is not None:
+            stop_profiler(profiler)
         sink.terminate()
+
+
+def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the sink for the whole run, its folded stacks written to `output` when stopped."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    command = [str(py_spy), "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(output)]
+    print(f"  profiling the sink into {output}")
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    profiler.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
 
 
 def report(destination: str, run: Run, events: int) -> None:
@@ -288,8 +310,16 @@ def main() -> None:
         action="store_true",
         help="also run each sink with SINK_PER_USER_ORDER=false, and print what the ordering costs",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record each sink with py-spy while it is timed: folded stacks in DIR/sink-<destination>-<mode>.txt",
+    )
     add_broker_option(parser)
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     destinations = [d.strip() for d in args.destinations.split(",") if d.strip()]
     unknown = sorted(set(destinations) - set(registry.names()))
     if unknown:
