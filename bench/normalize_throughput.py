@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for brokers, this script's neighbour
 
 from brokers import add_broker_option, bench_config, client_workarounds, describe, on_each_broker
+from profiling import start_profiler, stop_profiler
 
 from worker.config import Settings, kafka_properties
 from worker.dlq.inspect import Ends
@@ -216,6 +217,7 @@ def measure(broker: LoopbackBroker, kind: str, args: argparse.Namespace) -> list
     timeout = 300 + args.events / 500  # generous: the machine may be busy
     here = os.path.abspath(__file__)
     results: list[Rates] = []
+    profilers: list[subprocess.Popen[bytes]] = []  # the product's py-spy, one per run (--profile)
     for run in range(1, args.runs + 1):
         load = os.getloadavg()[0]
         print(f"run {run}/{args.runs} on {describe(kind)} (1-minute load {load:.1f} at the start):", flush=True)
@@ -234,15 +236,22 @@ def measure(broker: LoopbackBroker, kind: str, args: argparse.Namespace) -> list
         def product(run: int = run) -> subprocess.Popen[bytes]:
             # A fresh consumer group per run, so each run reads the raw topic from the start.
             worker_env = {**env, "DESTINATIONS": "amplitude", "CONSUMER_GROUP_PREFIX": f"bench-run{run}-"}
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 [sys.executable, "-m", "worker", "--log-level", "WARNING", "normalize"], env=worker_env
             )
+            if args.profile:
+                profilers.append(start_profiler(process.pid, args.profile / f"normalize-{kind}-run{run}.txt"))
+            return process
 
-        rates = Rates(
-            bare=timed(config.kafka, bare_topic, args.events, timeout, bare),
-            plain=timed(config.kafka, plain_topic, args.events, timeout, plain),
-            product=timed(config.kafka, names.dest("amplitude"), args.events, timeout, product, exits=False),
-        )
+        try:
+            rates = Rates(
+                bare=timed(config.kafka, bare_topic, args.events, timeout, bare),
+                plain=timed(config.kafka, plain_topic, args.events, timeout, plain),
+                product=timed(config.kafka, names.dest("amplitude"), args.events, timeout, product, exits=False),
+            )
+        finally:
+            while profilers:
+                stop_profiler(profilers.pop())
         print_rates(rates)
         results.append(rates)
     if len(results) > 1:
@@ -291,6 +300,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="rounds of bare, plain and product; medians at the end")
     parser.add_argument("--partitions", type=int, default=6)
     add_broker_option(parser)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the product with py-spy: folded stacks in DIR/normalize-<broker>-run<N>.txt",
+    )
     parser.add_argument("--bare-worker", nargs=3, metavar=("BOOTSTRAP", "SOURCE", "TARGET"))
     parser.add_argument("--group", default="bench-bare", help=argparse.SUPPRESS)  # the bare worker's group
     args = parser.parse_args()

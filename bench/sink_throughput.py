@@ -1,22 +1,35 @@
-"""Sink throughput: events/s a sink delivers into the local stand-in destination, one broker, one run.
+"""Sink throughput: events/s a sink delivers into the local stand-in destination, one broker, one run;
+for Amplitude, side by side with a plain-loop peer (bench/plain_sink.py).
 
-100k realistic normalised track events (the ~1.3 KB Avro records the normaliser writes: ecommerce
-properties, full web context, geo + UA enrichment, a few hundred users) are written to
-`segment.dest.<dest>` before the sink starts, so the sink always has a full backlog and what is
-timed is the sink alone: consume, Avro decode, map, batch, HTTP to the stand-in, store offsets.
+100k normalised track events are written to `segment.dest.<dest>` before the sink starts, so the
+sink always has a full backlog and what is timed is the sink alone: consume, Avro decode, map,
+batch, HTTP to the stand-in, store offsets. `--traffic` says which events:
+
+- realistic (the default): the normaliser bench's traffic (worker/samples.py `realistic_event`:
+  ~1.5 KB analytics.js track events from 5,000 users, ~1,500 user agents in a Zipf mix, each user
+  mostly on their own public IPv4), passed through the real Normaliser, so the records are the
+  ~1.7 KB Avro records it writes (ecommerce properties, full web context, geo + UA enrichment);
+- bench: the earlier traffic (`bench_event`, ten IPs, six user agents, `--users` users, 500 by
+  default), through the same Normaliser.
+
 The stand-in runs as its own process; the rate is read from its `/stats` (deduped `received`),
 polled every 0.2 s, from the first poll that sees a delivered event to the one that sees all.
 
 Amplitude's events-per-second limit is lifted (AMPLITUDE_EVENTS_PER_SECOND) so the rate limit is not
-what is measured; every SINK_* setting is the default. Amberflo is run too, for contrast: it takes
-100 records a request where Amplitude takes 1000. `--broker both` runs everything on the embedded
-broker, then on Apache Kafka, in one invocation, and ends with one summary line per broker.
+what is measured; every SINK_* setting is the default. For Amplitude the same backlog is then
+delivered by bench/plain_sink.py, the afternoon's loop (consume -> fastavro -> plain mapping ->
+1000-event requests POSTed one at a time over one keep-alive connection -> store offsets), as its
+own process, in a fresh consumer group into a reset stand-in, timed the same way; the script prints
+its rate and product / plain. Amberflo is run too, for contrast: it takes 100 records a request
+where Amplitude takes 1000. `--broker both` runs everything on the embedded broker, then on Apache
+Kafka, in one invocation, and ends with one summary line per broker.
 
     .venv/bin/python bench/sink_throughput.py [--events 100000] [--destinations amplitude,amberflo]
-        [--broker embedded|apache-kafka|both] [--compare-order]
+        [--traffic realistic|bench] [--broker embedded|apache-kafka|both] [--compare-order] [--profile DIR]
 
 `--compare-order` runs each sink a second time with SINK_PER_USER_ORDER=false on the same backlog
-(a fresh consumer group, the stand-in reset) and prints what per-user order costs.
+(a fresh consumer group, the stand-in reset) and prints what per-user order costs. `--profile DIR`
+records each sink (the plain loop too) with py-spy while it is timed.
 """
 
 from __future__ import annotations
@@ -24,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -39,9 +51,10 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers, this script's neighbour
 
-from brokers import GROUP_PREFIX, PREFIX, add_broker_option, bench_config, describe, on_each_broker
+from brokers import GROUP_PREFIX, PREFIX, add_broker_option, bench_config, client_workarounds, describe, on_each_broker
+from profiling import start_profiler, stop_profiler
 
-from worker.config import Config
+from worker.config import Config, kafka_properties
 from worker.destinations import registry
 from worker.kafka.broker import LoopbackBroker, free_port, wait_for_port
 from worker.kafka.clients import KafkaClients
@@ -50,16 +63,19 @@ from worker.normalize.identities import IdentityMap
 from worker.normalize.pipeline import Normaliser
 from worker.normalize.user_agent import UserAgentEnricher
 from worker.processes import Role
-from worker.samples import bench_event
+from worker.samples import REALISTIC_USERS, USER_AGENT_POOL, bench_event, realistic_event
 from worker.segment.timestamps import iso_from_millis
-from worker.standins.server import standin_env
+from worker.standins.server import default_key, standin_env
 from worker.topics import create_all
 
 REPO = Path(__file__).resolve().parent.parent
+PLAIN_SINK = Path(__file__).resolve().with_name("plain_sink.py")
+PLAIN = "amplitude plain loop"  # the plain loop's key among a broker's runs
 AMPLITUDE_TARGET = 40_000  # events/s: issue 12's target for one Amplitude sink process, rate limit lifted
 BASE_MS = 1_795_000_000_000  # 2026-11-18, an arbitrary fixed "now" so runs are reproducible
 POLL_SECONDS = 0.2
 RAW_TOPIC = f"{PREFIX}raw"
+TRAFFIC = ("realistic", "bench")
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -94,8 +110,36 @@ def normalised_events(
         yield routed.key, routed.value, routed.event["messageId"]
 
 
-def write_events(kafka: KafkaClients, topics: list[str], count: int, users: int) -> float:
-    """Write the same `count` events to each topic; returns their mean size in bytes."""
+def realistic_normalised_events(count: int, seed: int = 7) -> Iterator[tuple[str, bytes, str]]:
+    """(key, Avro record, messageId) for `count` of the normaliser bench's events (`realistic_event`:
+    5,000 users, ~1,500 user agents, varied IPs), through the real normaliser as `normalised_events`.
+
+    The events keep their own users, ids and clocks; the few without a messageId get one derived from
+    where they would have been read (unique: one offset each).
+    """
+    rng = random.Random(seed)
+    normaliser = Normaliser(["amplitude"], IdentityMap(REALISTIC_USERS * 2), [GeoEnricher(), UserAgentEnricher()])
+    for n in range(count):
+        raw = realistic_event(rng, n)
+        kafka_ms = BASE_MS + n * 5 + 400  # used only by an event without receivedAt; these all have one
+        result = normaliser.process(orjson.dumps(raw), kafka_ms, RAW_TOPIC, 0, n)
+        if len(result.routed) != 1:
+            raise SystemExit(f"the normaliser did not route realistic event {n}: {result}")
+        routed = result.routed[0]
+        yield routed.key, routed.value, routed.event["messageId"]
+
+
+def describe_traffic(traffic: str, users: int) -> str:
+    if traffic == "realistic":
+        return (
+            f"realistic_event traffic: {REALISTIC_USERS:,} users, {len(USER_AGENT_POOL):,} user agents "
+            "in a Zipf mix, each user mostly on their own public IPv4"
+        )
+    return f"bench_event traffic: {users} users, ten IPs, six user agents"
+
+
+def write_events(kafka: KafkaClients, topics: list[str], count: int, users: int, traffic: str = "bench") -> float:
+    """Write the same `count` events of `traffic` to each topic; returns their mean size in bytes."""
     producer = kafka.producer()
     errors: list[str] = []
 
@@ -104,7 +148,8 @@ def write_events(kafka: KafkaClients, topics: list[str], count: int, users: int)
             errors.append(str(error))
 
     size = 0
-    for key, value, _id in normalised_events(count, users):
+    events = realistic_normalised_events(count) if traffic == "realistic" else normalised_events(count, users)
+    for key, value, _id in events:
         size += len(value)
         for topic in topics:
             producer.produce(topic, value, key, failed)
@@ -161,9 +206,40 @@ def start_sink(config: Config, destination: str, standins: StandinServer, log_di
     return Role(["--log-level", "WARNING", "sink", destination], env, log_path)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (from /proc), to see who was the bottleneck."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+class PlainSink(Role):
+    """bench/plain_sink.py as a child process, stopped by its PID like a role (it also stops by itself)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, str(PLAIN_SINK), *args],
+                env={**os.environ, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+
+def start_plain_sink(
+    config: Config, kind: str, standins: StandinServer, args: argparse.Namespace, log_dir: Path
+) -> Role:
+    """The plain loop on the Amplitude dest topic, with the broker's client workarounds as -X overrides."""
+    bootstrap = config.settings.kafka_bootstrap_servers
+    overrides = [f"-X{k}={v}" for k, v in kafka_properties(client_workarounds(kind), bootstrap).items()]
+    command = [bootstrap, config.names.dest("amplitude"), standins.base, default_key("amplitude")]
+    command += ["--events", str(args.events), "--group", f"{GROUP_PREFIX}plain-sink-amplitude"]
+    command += ["--deadline", str(args.timeout + 30), *(o for o in overrides if not o.startswith("-Xbootstrap."))]
+    return PlainSink(command, child_env(), log_dir / "plain-sink-amplitude.log")
+
+
+def cpu_seconds(pid: int, gone: float = 0.0) -> float:
+    """User + system CPU time of a process so far (from /proc), to see who was the bottleneck;
+    `gone` for a process already reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return gone
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -185,22 +261,32 @@ def measure(
     deadline = time.monotonic() + timeout
     first: tuple[float, int] | None = None
     cpu_start: dict[str, float] = {}
-    stats = standins.stats(destination)
-    while stats["received"] < total:
-        if time.monotonic() > deadline:
+    cpu_now: dict[str, float] = {}
+    while True:
+        stats = standins.stats(destination)
+        now = time.monotonic()
+        # Read before `alive()` can reap a sink that stopped by itself (the plain loop does, once it
+        # delivered everything): a zombie's /proc/<pid>/stat still holds its CPU time; once reaped,
+        # its last reading stands.
+        cpu_now = {name: cpu_seconds(pid, cpu_now.get(name, 0.0)) for name, pid in watched.items()}
+        if first is None and stats["received"] > 0:
+            first = (now, stats["received"])
+            cpu_start = cpu_now
+        if stats["received"] >= total:
+            break
+        if now > deadline:
             raise SystemExit(f"{destination}: only {stats['received']}/{total} delivered within {timeout:.0f}s")
         if not sink.alive():
+            # It may have delivered the last request between the poll above and its exit.
+            if standins.stats(destination)["received"] >= total:
+                continue
             raise SystemExit(f"{destination}: the sink exited ({sink.process.returncode}); see {sink.log_path}")
         time.sleep(POLL_SECONDS)
-        stats = standins.stats(destination)
-        if first is None and stats["received"] > 0:
-            first = (time.monotonic(), stats["received"])
-            cpu_start = {name: cpu_seconds(pid) for name, pid in watched.items()}
-    end = time.monotonic()
+    end = now
     if first is None or end <= first[0]:
         raise SystemExit(f"{destination}: all {total} arrived within one poll; use more --events")
     seconds = end - first[0]
-    cpu = {name: (cpu_seconds(pid) - cpu_start[name]) / seconds for name, pid in watched.items()}
+    cpu = {name: (cpu_now[name] - cpu_start[name]) / seconds for name in watched}
     return Run((stats["received"] - first[1]) / seconds, seconds, stats["requests"], stats["duplicates"], cpu)
 
 
@@ -226,7 +312,9 @@ def run_destination(
         SINK_PER_USER_ORDER=str(per_user_order).lower(),
         CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}-",
     )
-    profiler = start_profiler(sink.pid, args.profile / f"sink-{destination}-{mode}.txt") if args.profile else None
+    # Profiles go in a folder per broker (log_dir is the broker kind's): --broker both keeps both.
+    profile = args.profile / log_dir.name / f"sink-{destination}-{mode}.txt" if args.profile else None
+    profiler = start_profiler(sink.pid, profile) if profile else None
     try:
         watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
         return measure(standins, destination, args.events, sink, watched, args.timeout)
@@ -236,32 +324,40 @@ def run_destination(
         sink.terminate()
 
 
-def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling the sink for the whole run, its folded stacks written to `output` when stopped."""
-    py_spy = Path(sys.executable).with_name("py-spy")
-    command = [str(py_spy), "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(output)]
-    print(f"  profiling the sink into {output}")
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
-    profiler.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+def run_plain(
+    config: Config, kind: str, standins: StandinServer, broker_pid: int, args: argparse.Namespace, log_dir: Path
+) -> Run:
+    """bench/plain_sink.py on the Amplitude backlog, as `run_destination` runs the product's sink: its
+    own consumer group from the start, into a stand-in that forgot the last run, timed by `measure`."""
+    standins.call("POST", "/_standin/amplitude/reset", {})
+    sink = start_plain_sink(config, kind, standins, args, log_dir)
+    profile = args.profile / log_dir.name / "sink-amplitude-plain.txt" if args.profile else None
+    profiler = start_profiler(sink.pid, profile) if profile else None
     try:
-        profiler.wait(30)
-    except subprocess.TimeoutExpired:
-        profiler.kill()
-        profiler.wait()
+        watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
+        return measure(standins, "amplitude", args.events, sink, watched, args.timeout)
+    finally:
+        if profiler is not None:
+            stop_profiler(profiler)
+        sink.terminate()
 
 
 def report(destination: str, run: Run, events: int) -> None:
     line = f"{destination} sink: {run.rate:,.0f} events/s"
     if destination == "amplitude":
         line += f" ({run.rate / AMPLITUDE_TARGET:.2f}x the {AMPLITUDE_TARGET // 1000}k target)"
+    elif destination == PLAIN:
+        line = f"{PLAIN}: {run.rate:,.0f} events/s"
     print(line)
+    details(run, events)
+
+
+def details(run: Run, events: int) -> None:
     cpu = ", ".join(f"{name} {share:.0%}" for name, share in run.cpu.items())
     print(
         f"  {events:,} events in {run.seconds:.1f}s, {run.requests:,} requests "
-        f"({events / max(run.requests, 1):.0f} events each), {run.duplicates} duplicates; CPU of one core: {cpu}"
+        f"({events / max(run.requests, 1):.0f} events each), {run.duplicates} duplicates; CPU of one core: {cpu}",
+        flush=True,
     )
 
 
@@ -273,10 +369,11 @@ def run_broker(
     config = bench_config(broker, args.partitions)
     create_all(config)
     topics = [config.names.dest(d) for d in destinations]
-    mean = write_events(config.kafka, topics, args.events, args.users)
+    mean = write_events(config.kafka, topics, args.events, args.users, args.traffic)
     print(
-        f"{args.events:,} normalised track events, mean {mean:.0f} bytes Avro, {args.users} users, "
-        f"{args.partitions} partitions, written before each sink starts"
+        f"{args.events:,} normalised track events ({describe_traffic(args.traffic, args.users)}), "
+        f"mean {mean:.0f} bytes Avro, {args.partitions} partitions, written before each sink starts",
+        flush=True,
     )
     standins = StandinServer(log_dir)
     runs: dict[str, Run] = {}
@@ -284,6 +381,10 @@ def run_broker(
         for destination in destinations:
             runs[destination] = run_destination(config, destination, standins, broker.process.pid, args, log_dir)
             report(destination, runs[destination], args.events)
+            if destination == "amplitude":
+                runs[PLAIN] = run_plain(config, broker.kind, standins, broker.process.pid, args, log_dir)
+                report(PLAIN, runs[PLAIN], args.events)
+                print(f"product / plain: {runs[destination].rate / runs[PLAIN].rate:.2f}", flush=True)
             if args.compare_order:
                 unordered = run_destination(
                     config, destination, standins, broker.process.pid, args, log_dir, per_user_order=False
@@ -301,7 +402,13 @@ def run_broker(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument(
+        "--traffic",
+        choices=TRAFFIC,
+        default="realistic",
+        help="realistic: the normaliser bench's realistic_event (5,000 users); bench: bench_event, --users users",
+    )
+    parser.add_argument("--users", type=int, default=500, help="users in the bench traffic")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--destinations", default="amplitude,amberflo")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per destination before giving up")
@@ -314,7 +421,8 @@ def main() -> None:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="record each sink with py-spy while it is timed: folded stacks in DIR/sink-<destination>-<mode>.txt",
+        help="record each sink with py-spy while it is timed: folded stacks in DIR/sink-<destination>-<mode>.txt "
+        "(the plain loop's in DIR/sink-amplitude-plain.txt)",
     )
     add_broker_option(parser)
     args = parser.parse_args()
@@ -331,8 +439,11 @@ def main() -> None:
     if len(results) > 1:
         print("side by side (one run):")
         for kind, runs in results.items():
-            rates = ", ".join(f"{d} {run.rate:,.0f} events/s" for d, run in runs.items())
-            print(f"  {describe(kind)}: {rates}")
+            parts = [f"{d} {run.rate:,.0f} events/s" for d, run in runs.items()]
+            if "amplitude" in runs and PLAIN in runs:
+                ratio = runs["amplitude"].rate / runs[PLAIN].rate
+                parts[list(runs).index(PLAIN)] += f" (amplitude product / plain: {ratio:.2f})"
+            print(f"  {describe(kind)}: {', '.join(parts)}")
 
 
 if __name__ == "__main__":

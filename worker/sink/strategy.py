@@ -112,7 +112,10 @@ class SinkStrategy:
             # bound in practice (a payload maps a subset of the event) that costs nothing to get. A
             # request that still comes out too large gets 413 and is halved.
             size = len(message.value() or b"")
-            work.extend(Pending(item, entry, size) for item in items)
+            if len(items) == 1:  # nearly every event: no generator
+                work.append(Pending(items[0], entry, size))
+            else:
+                work.extend(Pending(item, entry, size) for item in items)
             if self.tracker.expect(entry, len(items)):
                 self._finish(entry)
         self.outstanding += len(work)

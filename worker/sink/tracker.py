@@ -86,7 +86,9 @@ class SinkTracker:
         if entry.finished:
             return
         entry.finished = True
-        self._open.get(entry.key, set()).discard(entry)
+        entries = self._open.get(entry.key)
+        if entries is not None:
+            entries.discard(entry)
         batch = entry._batch
         batch.remaining -= 1
         if batch.remaining == 0:
