@@ -44,8 +44,10 @@ class JsonDestination:
     name = NAME
     events_per_second = None
 
-    def __init__(self, base_url: str, max_items: int = 10) -> None:
-        self.endpoints = {"events": Endpoint("events", "POST", "default", "/events", max_items=max_items)}
+    def __init__(self, base_url: str, max_items: int = 10, max_bytes: int = 1_000_000) -> None:
+        self.endpoints = {
+            "events": Endpoint("events", "POST", "default", "/events", max_items=max_items, max_bytes=max_bytes)
+        }
         self.base_urls = {"default": base_url}
 
     def map_event(self, event: Any) -> list[Item]:  # the engine never maps events
@@ -223,10 +225,15 @@ def engine() -> Iterator[Callable[..., tuple[DeliveryEngine, Reports]]]:
     engines: list[DeliveryEngine] = []
 
     def start(
-        base_url: str, settings: SinkSettings | None = None, max_items: int = 10, on_report=lambda _r: None
+        base_url: str,
+        settings: SinkSettings | None = None,
+        max_items: int = 10,
+        on_report=lambda _r: None,
+        max_bytes: int = 1_000_000,
     ) -> tuple[DeliveryEngine, Reports]:
         reports = Reports(on_report)
-        running = DeliveryEngine(JsonDestination(base_url, max_items), settings or SinkSettings(**FAST), reports)
+        destination = JsonDestination(base_url, max_items, max_bytes)
+        running = DeliveryEngine(destination, settings or SinkSettings(**FAST), reports)
         running.start()
         engines.append(running)
         return running, reports
@@ -264,6 +271,25 @@ def test_200_delivers_every_item_in_requests_within_max_items(serve, engine):
     assert sorted(len(r.ids) for r in server.requests()) == [5, 10, 10]
     assert sorted(server.accepted_ids()) == sorted(f"id-{n}" for n in range(25))
     stop_and_check_one_report_each(running, reports, range(25))
+
+
+def test_requests_stay_within_the_byte_limit_taking_whole_runs_of_each_user(serve, engine):
+    # Items of 149 bytes (150 with the separator the engine counts) under a 1,000-byte limit: a
+    # user's run holds at most six (900 bytes), and a second run never fits beside it.
+    server = serve(ok)
+    running, reports = engine(url(server), max_items=100, max_bytes=1_000)
+    work = items(36, users=("u1", "u2", "u3"))
+    for pending in work:
+        pending.size = 149
+    running.submit(work)
+    reports.wait(36)
+    assert all(isinstance(r.outcome, Delivered) for r in reports.items())
+    sizes = [len(r.ids) for r in server.requests()]
+    assert max(sizes) <= 6, f"items a request: {sizes}"
+    for request in server.requests():  # whole runs: one user a request here
+        assert len({int(i.removeprefix("id-")) % 3 for i in request.ids}) == 1, request.ids
+    assert sorted(server.accepted_ids()) == sorted(f"id-{n}" for n in range(36))
+    stop_and_check_one_report_each(running, reports, range(36))
 
 
 def test_a_400_naming_one_item_fails_it_and_delivers_its_batch_mates(serve, engine):

@@ -135,6 +135,7 @@ class DeliveryEngine:
         self.settings = settings
         self.report = report
         self.name = destination.name
+        self._per_user_order = settings.per_user_order  # read several times an item: a plain attribute
         self._secrets = logs.secret_values(getattr(destination, "config", None))
         self._circuit_was_open = False
         self._loop = asyncio.new_event_loop()
@@ -215,7 +216,7 @@ class DeliveryEngine:
     def _user(self, pending: Pending) -> str:
         """The lane an item goes in; "" (none: it goes alone) for items of nobody, or with
         SINK_PER_USER_ORDER off."""
-        return pending.item.user if self.settings.per_user_order else ""
+        return pending.item.user if self._per_user_order else ""
 
     def _enqueue(self, items: list[Pending]) -> None:
         now = time.monotonic()
@@ -419,13 +420,16 @@ class DeliveryEngine:
         size = 0
         while queue:
             run = queue[0]
-            run_size = sum(pending.size + 1 for pending in run)
+            user = self._user(run[0])
+            lane = self._lanes[user] if user else None
+            # A lane keeps its queued run's size as items join it; an item of nobody goes alone.
+            run_size = lane.queued_size if lane is not None else run[0].size + 1
             if group and (len(group) + len(run) > endpoint.max_items or size + run_size > endpoint.max_bytes):
                 break
             group.extend(queue.popleft())
             size += run_size
-            if user := self._user(run[0]):
-                self._lanes[user].queued = None  # in a request now: nothing joins it any more
+            if lane is not None:
+                lane.queued = None  # in a request now: nothing joins it any more
         self._ready_items[name] -= len(group)
         return group
 

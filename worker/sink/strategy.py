@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import KafkaError, Message
 
@@ -152,16 +152,18 @@ class SinkStrategy:
                 report = reports.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(report, CircuitReport):
-                self._on_circuit(report)
+            if report.__class__ is not ItemReport:  # one report an item: the rare kinds are tested second
+                if isinstance(report, CircuitReport):
+                    self._on_circuit(report)
+                elif isinstance(report, HoldReport):
+                    self.held = report.held
+                else:
+                    raise TypeError(f"the delivery engine reported {report!r}")
                 continue
-            if isinstance(report, HoldReport):
-                self.held = report.held
-                continue
-            assert isinstance(report, ItemReport)
+            item_report = cast(ItemReport, report)
             self.outstanding -= 1
-            entry: OpenMessage = report.owner
-            if self.tracker.report(entry, report.outcome):
+            entry: OpenMessage = item_report.owner
+            if self.tracker.report(entry, item_report.outcome):
                 self._finish(entry)
         metrics.OUTSTANDING.set(self.outstanding)
 
