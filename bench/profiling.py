@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RATE = 250  # samples a second: enough for a run of a few seconds, little overhead
@@ -32,3 +34,14 @@ def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         profiler.kill()
         profiler.wait()
+
+
+@contextmanager
+def profiled(pid: int, output: Path | None) -> Iterator[None]:
+    """py-spy on `pid` for the block, into `output`; nothing when `output` is None (no --profile)."""
+    profiler = start_profiler(pid, output) if output is not None else None
+    try:
+        yield
+    finally:
+        if profiler is not None:
+            stop_profiler(profiler)

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for brokers, this script's neighbour
 
 from brokers import GROUP_PREFIX, PREFIX, add_broker_option, bench_config, client_workarounds, describe, on_each_broker
-from profiling import start_profiler, stop_profiler
+from profiling import profiled
 
 from worker.config import Config, kafka_properties
 from worker.destinations import registry
@@ -312,15 +312,26 @@ def run_destination(
         SINK_PER_USER_ORDER=str(per_user_order).lower(),
         CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}-",
     )
+    return timed_run(sink, destination, f"sink-{destination}-{mode}", standins, broker_pid, args, log_dir)
+
+
+def timed_run(
+    sink: Role,
+    destination: str,
+    name: str,
+    standins: StandinServer,
+    broker_pid: int,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> Run:
+    """`measure` a started sink (under py-spy with --profile, into DIR/<broker>/<name>.txt), then stop it."""
     # Profiles go in a folder per broker (log_dir is the broker kind's): --broker both keeps both.
-    profile = args.profile / log_dir.name / f"sink-{destination}-{mode}.txt" if args.profile else None
-    profiler = start_profiler(sink.pid, profile) if profile else None
+    profile = args.profile / log_dir.name / f"{name}.txt" if args.profile else None
     try:
-        watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
-        return measure(standins, destination, args.events, sink, watched, args.timeout)
+        with profiled(sink.pid, profile):
+            watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
+            return measure(standins, destination, args.events, sink, watched, args.timeout)
     finally:
-        if profiler is not None:
-            stop_profiler(profiler)
         sink.terminate()
 
 
@@ -331,15 +342,7 @@ def run_plain(
     own consumer group from the start, into a stand-in that forgot the last run, timed by `measure`."""
     standins.call("POST", "/_standin/amplitude/reset", {})
     sink = start_plain_sink(config, kind, standins, args, log_dir)
-    profile = args.profile / log_dir.name / "sink-amplitude-plain.txt" if args.profile else None
-    profiler = start_profiler(sink.pid, profile) if profile else None
-    try:
-        watched = {"sink": sink.pid, "stand-in": standins.role.pid, "broker": broker_pid}
-        return measure(standins, "amplitude", args.events, sink, watched, args.timeout)
-    finally:
-        if profiler is not None:
-            stop_profiler(profiler)
-        sink.terminate()
+    return timed_run(sink, "amplitude", "sink-amplitude-plain", standins, broker_pid, args, log_dir)
 
 
 def report(destination: str, run: Run, events: int) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
@@ -112,10 +112,7 @@ class SinkStrategy:
             # bound in practice (a payload maps a subset of the event) that costs nothing to get. A
             # request that still comes out too large gets 413 and is halved.
             size = len(message.value() or b"")
-            if len(items) == 1:  # nearly every event: no generator
-                work.append(Pending(items[0], entry, size))
-            else:
-                work.extend(Pending(item, entry, size) for item in items)
+            work.extend(Pending(item, entry, size) for item in items)
             if self.tracker.expect(entry, len(items)):
                 self._finish(entry)
         self.outstanding += len(work)
@@ -152,18 +149,16 @@ class SinkStrategy:
                 report = reports.get_nowait()
             except queue.Empty:
                 break
-            if report.__class__ is not ItemReport:  # one report an item: the rare kinds are tested second
-                if isinstance(report, CircuitReport):
-                    self._on_circuit(report)
-                elif isinstance(report, HoldReport):
-                    self.held = report.held
-                else:
-                    raise TypeError(f"the delivery engine reported {report!r}")
+            if isinstance(report, CircuitReport):
+                self._on_circuit(report)
                 continue
-            item_report = cast(ItemReport, report)
+            if isinstance(report, HoldReport):
+                self.held = report.held
+                continue
+            assert isinstance(report, ItemReport)
             self.outstanding -= 1
-            entry: OpenMessage = item_report.owner
-            if self.tracker.report(entry, item_report.outcome):
+            entry: OpenMessage = report.owner
+            if self.tracker.report(entry, report.outcome):
                 self._finish(entry)
         metrics.OUTSTANDING.set(self.outstanding)
 
