@@ -19,6 +19,11 @@ OFFSET_GAPS = Counter(
     ["topic"],
 )
 OFFSETS_SKIPPED = Counter("segment_worker_offsets_skipped_total", "Offsets inside those jumps, not consumed", ["topic"])
+OFFSETS_RECOVERED = Counter(
+    "segment_worker_offsets_recovered_total",
+    "Offsets a consumer was not given at first and was given when it read the partition again",
+    ["topic"],
+)
 REBALANCES = Counter("segment_worker_rebalances_total", "Rebalance callbacks", ["kind"])
 COMMITS = Counter("segment_worker_commits_total", "Synchronous commits (revoke, shutdown)", ["reason"])
 BATCH_SIZE = Histogram(

@@ -592,3 +592,31 @@ def test_offsets_the_consumer_never_saw_are_counted(broker, prefix, committed_at
     assert strategy.accepted_coordinates() == [(0, offset) for offset in consumed]
     assert metric("segment_worker_offset_gaps_total", topic=topic) == 1
     assert metric("segment_worker_offsets_skipped_total", topic=topic) == 1
+    assert metric("segment_worker_offsets_recovered_total", topic=topic) == 0  # read again, still a gap
+
+
+def test_records_the_consumer_was_not_given_are_read_again_before_anything_after_them(broker, prefix, committed_reader):
+    """A consumer that jumps forward within a partition, as one does when the broker answers its
+    fetch with a later record batch than the one asked for (here the test moves it on, once, at the
+    first batch): the loop reads the partition again from the first offset it was not given, hands
+    on every record once and in order, and commits all of them."""
+    config, topic = new_topic(broker, prefix, 1)
+    produce_to(config, topic, {0: 40})
+    jumped_from: list[int] = []
+
+    def jump_once(batch: Batch) -> bool:
+        if not jumped_from:
+            jumped_from.append(batch.messages[-1].offset())
+            assert loop._consumer is not None
+            loop._consumer.seek(TopicPartition(topic, 0, jumped_from[0] + 11))
+        return True
+
+    strategy = Recorder(finish=jump_once)
+    loop = make_loop(broker, config, topic, strategy, QUICK_COMMITS, batch_size=5)
+    committed = committed_reader(config, topic, 1)
+    with running(loop):
+        wait_for(lambda: len(strategy.accepted_coordinates()) >= 40, 15, "40 records submitted")
+        wait_for(lambda: committed() == {0: 40}, 10, f"all 40 committed, have {committed()}")
+    assert strategy.accepted_coordinates() == [(0, offset) for offset in range(40)]
+    assert metric("segment_worker_offsets_recovered_total", topic=topic) == 10
+    assert metric("segment_worker_offsets_skipped_total", topic=topic) == 0

@@ -61,3 +61,83 @@ def test_a_forgotten_partition_is_not_compared_with_its_old_offsets():
     tracker.forget([("t", 0)])
     tracker.track(messages(("t", 0, 40)))  # another owner went on meanwhile
     assert tracker.gaps == []
+
+
+class Seeks:
+    """The loop's side of a re-read: records each gap it was asked to read again."""
+
+    def __init__(self, works: bool = True) -> None:
+        self.works = works
+        self.asked: list[Gap] = []
+
+    def __call__(self, gap: Gap) -> bool:
+        self.asked.append(gap)
+        return self.works
+
+
+def offsets(batch):
+    return [(m.partition(), m.offset()) for m in batch.messages]
+
+
+def test_a_gap_is_read_again_and_nothing_after_it_is_handed_on_until_it_is_filled():
+    seeks = Seeks()
+    tracker = OffsetTracker(seeks, rereads=3)
+    tracker.track(messages(("t", 0, 10), ("t", 1, 3))).done()
+    skipped = tracker.track(messages(("t", 0, 11), ("t", 1, 4), ("t", 0, 15), ("t", 0, 16), ("t", 1, 5)))
+    assert seeks.asked == [Gap(("t", 0), 12, 15)]
+    assert offsets(skipped) == [(0, 11), (1, 4), (1, 5)]  # 15 and 16 come again, after 12-14
+    assert tracker.gaps == [] and tracker.recovered == []
+    filled = tracker.track(messages(("t", 0, 12), ("t", 0, 13), ("t", 0, 14), ("t", 0, 15)))
+    assert offsets(filled) == [(0, 12), (0, 13), (0, 14), (0, 15)]
+    assert [(r.gap, r.attempts) for r in tracker.recovered] == [(Gap(("t", 0), 12, 15), 1)]
+    assert tracker.gaps == []
+    skipped.done()
+    assert tracker.pop_committable() == {("t", 0): 12, ("t", 1): 6}  # nothing past the gap is committable
+
+
+def test_a_gap_every_re_read_shows_again_is_the_logs_own_and_is_kept_after_the_last_re_read():
+    seeks = Seeks()
+    tracker = OffsetTracker(seeks, rereads=2)
+    tracker.track(messages(("t", 0, 3))).done()  # a marker at 4, say
+    assert offsets(tracker.track(messages(("t", 0, 5), ("t", 0, 6)))) == []
+    assert offsets(tracker.track(messages(("t", 0, 5)))) == []  # the re-read shows the same gap
+    kept = tracker.track(messages(("t", 0, 5), ("t", 0, 6)))
+    assert offsets(kept) == [(0, 5), (0, 6)]
+    assert seeks.asked == [Gap(("t", 0), 4, 5)] * 2
+    assert tracker.gaps == [Gap(("t", 0), 4, 5)] and tracker.recovered == []
+    kept.done()
+    assert tracker.pop_committable() == {("t", 0): 7}
+    tracker.gaps.clear()
+    # A later gap has re-reads of its own.
+    assert offsets(tracker.track(messages(("t", 0, 7), ("t", 0, 9)))) == [(0, 7)]
+    assert seeks.asked[-1] == Gap(("t", 0), 8, 9)
+
+
+def test_a_filled_gap_followed_by_another_counts_the_first_as_filled_and_reads_the_second_again():
+    seeks = Seeks()
+    tracker = OffsetTracker(seeks)
+    tracker.track(messages(("t", 0, 0)))
+    tracker.track(messages(("t", 0, 5)))
+    batch = tracker.track(messages(("t", 0, 1), ("t", 0, 2), ("t", 0, 8)))
+    assert offsets(batch) == [(0, 1), (0, 2)]
+    assert [r.gap for r in tracker.recovered] == [Gap(("t", 0), 1, 5)]
+    assert seeks.asked == [Gap(("t", 0), 1, 5), Gap(("t", 0), 3, 8)]
+
+
+def test_a_gap_that_cannot_be_read_again_is_kept_at_once_and_its_batch_is_whole():
+    seeks = Seeks(works=False)
+    tracker = OffsetTracker(seeks)
+    tracker.track(messages(("t", 0, 1)))
+    batch = tracker.track(messages(("t", 0, 4)))
+    assert offsets(batch) == [(0, 4)] and tracker.gaps == [Gap(("t", 0), 2, 4)]
+
+
+def test_a_reassigned_partition_forgets_the_gap_it_was_reading_again():
+    seeks = Seeks()
+    tracker = OffsetTracker(seeks)
+    tracker.track(messages(("t", 0, 1)))
+    tracker.track(messages(("t", 0, 4)))
+    tracker.forget([("t", 0)])
+    tracker.expect(("t", 0), 30)
+    tracker.track(messages(("t", 0, 30)))
+    assert tracker.recovered == [] and tracker.gaps == [] and len(seeks.asked) == 1

@@ -30,11 +30,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from worker import logs, metrics
 from worker.health import HEALTH
 from worker.kafka.clients import KafkaClients
-from worker.kafka.offsets import Batch, OffsetTracker, TopicPartitionKey
+from worker.kafka.offsets import Batch, Gap, OffsetTracker, TopicPartitionKey
 
 log = logs.get(__name__)
 
 GAPS_LOGGED = 100  # a transactional producer leaves a gap per transaction: log the first ones, count all
+# Re-reads of one gap before it is taken for the log's own (a marker, compaction, retention). A
+# broker that skipped records served them on the first re-read every time it was seen; each re-read
+# of a real gap costs one fetch.
+GAP_REREADS = 3
 COMMITTED_TIMEOUT = 5.0  # seconds for the committed offsets of a new assignment
 
 
@@ -89,6 +93,7 @@ class ConsumerLoop:
         drain_timeout: float = 20.0,
         overrides: dict[str, str] | None = None,
         bounded_prefetch: bool = False,
+        gap_rereads: int = GAP_REREADS,
     ) -> None:
         """`role` names the consumer group (the clients' group prefix + role). A strategy that can
         refuse work (Backpressure) wants `bounded_prefetch` (worker.kafka.clients.BOUNDED_PREFETCH)."""
@@ -99,7 +104,7 @@ class ConsumerLoop:
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.drain_timeout = drain_timeout
-        self.tracker = OffsetTracker()
+        self.tracker = OffsetTracker(self._seek_back, gap_rereads)
         self.assignment: set[TopicPartitionKey] = set()
         self._carry: deque[Batch] = deque()  # refused by the strategy; offered again, in order
         # Owned partitions this loop has paused (backpressure): of the partitions we own, exactly the
@@ -163,8 +168,10 @@ class ConsumerLoop:
         for topic, count in per_topic.items():
             metrics.CONSUMED.labels(topic).inc(count)
         batch = self.tracker.track(good)
-        if self.tracker.gaps:
+        if self.tracker.gaps or self.tracker.recovered:
             self._report_gaps()
+        if not batch.messages:  # all of it is being read again
+            return
         if self._carry:  # keep order: nothing overtakes a refused batch
             self._carry.append(batch)
             return
@@ -194,10 +201,36 @@ class ConsumerLoop:
 
     # -- offsets ----------------------------------------------------------------------------------
 
+    def _seek_back(self, gap: Gap) -> bool:
+        """Move a partition's fetch back to the first offset of a gap, to read it again (the tracker
+        holds back what came after it). False when the consumer would not: the gap is then kept."""
+        if self._consumer is None:
+            return False
+        topic, partition = gap.partition
+        try:
+            self._consumer.seek(TopicPartition(topic, partition, gap.expected))
+        except KafkaException as exc:
+            log.warning("could not read a gap again", topic=topic, partition=partition, error=str(exc))
+            return False
+        return True
+
     def _report_gaps(self) -> None:
-        """Offsets the consumer never saw. A compacted topic, a transaction's marker or retention
-        explain some; anything else lost records (a broker that served them out of order), so each
-        is logged (the first hundred; the metrics count all)."""
+        """Offsets the consumer never saw, even when read again. A compacted topic, a transaction's
+        marker or retention explain some; anything else lost records (a broker that served them out
+        of order), so each is logged (the first hundred; the metrics count all). And gaps a re-read
+        filled: the broker had skipped records and served them when asked again."""
+        for rereading in self.tracker.recovered:
+            topic, partition = rereading.gap.partition
+            metrics.OFFSETS_RECOVERED.labels(topic).inc(rereading.gap.got - rereading.gap.expected)
+            log.warning(
+                "offsets skipped by the broker were served when read again",
+                topic=topic,
+                partition=partition,
+                first=rereading.gap.expected,
+                last=rereading.gap.got - 1,
+                rereads=rereading.attempts,
+            )
+        self.tracker.recovered.clear()
         for gap in self.tracker.gaps:
             topic, partition = gap.partition
             metrics.OFFSET_GAPS.labels(topic).inc()
@@ -205,8 +238,8 @@ class ConsumerLoop:
             self._gaps_logged += 1
             if self._gaps_logged <= GAPS_LOGGED:
                 log.warning(
-                    "offsets skipped: not consumed (compaction, a transaction marker or retention explain"
-                    " some gaps; otherwise the broker did not serve these records)",
+                    "offsets skipped: not consumed, not even when read again (compaction, a transaction"
+                    " marker or retention explain some gaps; otherwise the broker did not serve these records)",
                     topic=topic,
                     partition=partition,
                     first=gap.expected,
