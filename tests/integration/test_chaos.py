@@ -750,6 +750,7 @@ def check(
     # (worker.kafka.offsets) is a loss, and names where it happened.
     if gaps := skipped_offsets(collector.log_path.parent):
         problems.append(f"{len(gaps)} offset gaps in what the roles consumed: {gaps[:10]}")
+    filled = skipped_offsets(collector.log_path.parent, "gap filled when read again")
     if missing:
         # Once for all destinations: it reads every topic again (minutes in a soak).
         first = sorted(missing)[:30]  # enough to show a whole skipped range
@@ -794,6 +795,7 @@ def check(
         "poison sent": len(POISON) * 3 + len(poison),
         "poison filtered by integrations": filtered,
         "dead-lettered raw": len(dead_raw),
+        "offset gaps filled by a re-read": filled[:10] if filled else 0,
         **summary,
         "lag": {name: sum(behind.values()) for name, behind in lag.items()},
         "killed": {name: group.killed for name, group in groups.items() if group.killed},
@@ -952,12 +954,14 @@ def where_found(settings: Config, message_ids: list[str]) -> dict[str, Any]:
     return {mid: dict(places) for mid, places in found.items()}
 
 
-def skipped_offsets(log_dir: Path) -> list[str]:
-    """The consumer loop's "offsets skipped" warnings in every role's log, killed members' too."""
+def skipped_offsets(log_dir: Path, warning: str = "offsets skipped") -> list[str]:
+    """The consumer loop's `warning` about a partition's offsets ("offsets skipped": a gap kept;
+    "gap filled when read again": one the broker served on a re-read) in every role's log, killed
+    members' too."""
     found = []
     for path in sorted(log_dir.glob("*.log")):
         for line in path.read_text(errors="replace").splitlines():
-            if '"offsets skipped' in line:
+            if f'"{warning}' in line:
                 entry = orjson.loads(line)
                 found.append(
                     f"{path.stem} {entry['timestamp']} {entry['topic']}[{entry['partition']}] "

@@ -223,7 +223,7 @@ class ConsumerLoop:
             topic, partition = rereading.gap.partition
             metrics.OFFSETS_RECOVERED.labels(topic).inc(rereading.gap.got - rereading.gap.expected)
             log.warning(
-                "offsets skipped by the broker were served when read again",
+                "gap filled when read again: offsets the broker skipped at first were served",
                 topic=topic,
                 partition=partition,
                 first=rereading.gap.expected,
