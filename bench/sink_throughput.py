@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
 import sys
 import time
 import urllib.request
@@ -209,16 +208,7 @@ def start_sink(config: Config, destination: str, standins: StandinServer, log_di
 class PlainSink(Role):
     """bench/plain_sink.py as a child process, stopped by its PID like a role (it also stops by itself)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.args = args
-        self.log_path = log_path
-        with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [sys.executable, str(PLAIN_SINK), *args],
-                env={**os.environ, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+    program = (str(PLAIN_SINK),)
 
 
 def start_plain_sink(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,13 +13,15 @@ from pathlib import Path
 class Role:
     """A running `segment-worker` command, stopped by its PID."""
 
+    program: tuple[str, ...] = ("-m", "worker")  # what the interpreter runs; a subclass may run a script
+
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path | None = None) -> None:
         self.args = args
         self.log_path = log_path
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
-        )
+        command = [sys.executable, *self.program, *args]
+        # The child keeps its own copy of the log's descriptor: ours is closed once it started.
+        with open(log_path, "ab") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:
