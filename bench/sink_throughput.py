@@ -101,12 +101,7 @@ def normalised_events(
             timestamp=iso_from_millis(sent_ms - rng.randrange(50, 2000)),
             sentAt=iso_from_millis(sent_ms),
         )
-        # Where the record would have been read from (only events without a messageId derive one from it).
-        result = normaliser.process(orjson.dumps(raw), sent_ms + rng.randrange(20, 400), RAW_TOPIC, 0, n)
-        if len(result.routed) != 1:
-            raise SystemExit(f"the normaliser did not route bench event {n}: {result}")
-        routed = result.routed[0]
-        yield routed.key, routed.value, routed.event["messageId"]
+        yield routed_once(normaliser, raw, sent_ms + rng.randrange(20, 400), n, "bench")
 
 
 def realistic_normalised_events(count: int, seed: int = 7) -> Iterator[tuple[str, bytes, str]]:
@@ -121,11 +116,17 @@ def realistic_normalised_events(count: int, seed: int = 7) -> Iterator[tuple[str
     for n in range(count):
         raw = realistic_event(rng, n)
         kafka_ms = BASE_MS + n * 5 + 400  # used only by an event without receivedAt; these all have one
-        result = normaliser.process(orjson.dumps(raw), kafka_ms, RAW_TOPIC, 0, n)
-        if len(result.routed) != 1:
-            raise SystemExit(f"the normaliser did not route realistic event {n}: {result}")
-        routed = result.routed[0]
-        yield routed.key, routed.value, routed.event["messageId"]
+        yield routed_once(normaliser, raw, kafka_ms, n, "realistic")
+
+
+def routed_once(normaliser: Normaliser, raw: dict, kafka_ms: int, offset: int, traffic: str) -> tuple[str, bytes, str]:
+    """(key, Avro record, messageId) of `raw` through the normaliser, read as if from `segment.raw`
+    partition 0 at `offset` (only an event without a messageId derives one from it)."""
+    result = normaliser.process(orjson.dumps(raw), kafka_ms, RAW_TOPIC, 0, offset)
+    if len(result.routed) != 1:
+        raise SystemExit(f"the normaliser did not route {traffic} event {offset}: {result}")
+    routed = result.routed[0]
+    return routed.key, routed.value, routed.event["messageId"]
 
 
 def describe_traffic(traffic: str, users: int) -> str:
