@@ -748,9 +748,9 @@ def check(
         del topic  # a soak's topic summary is hundreds of megabytes: one destination at a time
     # No topic here is compacted or written in transactions: any offset a role's consumer skipped
     # (worker.kafka.offsets) is a loss, and names where it happened.
-    if gaps := skipped_offsets(collector.log_path.parent):
+    gaps, filled = offset_warnings(collector.log_path.parent)
+    if gaps:
         problems.append(f"{len(gaps)} offset gaps in what the roles consumed: {gaps[:10]}")
-    filled = skipped_offsets(collector.log_path.parent, "gap filled when read again")
     if missing:
         # Once for all destinations: it reads every topic again (minutes in a soak).
         first = sorted(missing)[:30]  # enough to show a whole skipped range
@@ -954,20 +954,22 @@ def where_found(settings: Config, message_ids: list[str]) -> dict[str, Any]:
     return {mid: dict(places) for mid, places in found.items()}
 
 
-def skipped_offsets(log_dir: Path, warning: str = "offsets skipped") -> list[str]:
-    """The consumer loop's `warning` about a partition's offsets ("offsets skipped": a gap kept;
-    "gap filled when read again": one the broker served on a re-read) in every role's log, killed
-    members' too."""
-    found = []
+def offset_warnings(log_dir: Path) -> tuple[list[str], list[str]]:
+    """The consumer loop's warnings about a partition's offsets in every role's log, killed members'
+    too, each log read once: gaps kept ("offsets skipped") and gaps a re-read filled ("gap filled
+    when read again")."""
+    kept: list[str] = []
+    filled: list[str] = []
     for path in sorted(log_dir.glob("*.log")):
         for line in path.read_text(errors="replace").splitlines():
-            if f'"{warning}' in line:
+            found = kept if '"offsets skipped' in line else filled if '"gap filled when read again' in line else None
+            if found is not None:
                 entry = orjson.loads(line)
                 found.append(
                     f"{path.stem} {entry['timestamp']} {entry['topic']}[{entry['partition']}] "
                     f"{entry['first']}-{entry['last']}"
                 )
-    return found
+    return kept, filled
 
 
 def keyed_by_dedupe_id(destination: str, endpoint: str) -> bool:

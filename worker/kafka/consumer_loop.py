@@ -35,9 +35,9 @@ from worker.kafka.offsets import Batch, Gap, OffsetTracker, TopicPartitionKey
 log = logs.get(__name__)
 
 GAPS_LOGGED = 100  # a transactional producer leaves a gap per transaction: log the first ones, count all
-# Re-reads of one gap before it is taken for the log's own (a marker, compaction, retention). A
-# broker that skipped records served them on the first re-read every time it was seen; each re-read
-# of a real gap costs one fetch.
+# Re-reads of one gap before it is taken for the log's own (a marker, compaction, retention). One
+# re-read serves what a consumer was moved past (tests/unit/test_consumer_loop.py); the other two
+# give a broker still busy with the records another chance. Each re-read of a real gap costs a fetch.
 GAP_REREADS = 3
 COMMITTED_TIMEOUT = 5.0  # seconds for the committed offsets of a new assignment
 

@@ -11,7 +11,7 @@ removed what was committed, and a loss anywhere else (a broker that served recor
 So a gap is first read again: given a `reread` (the loop's seek back to the gap's first offset),
 the partition's messages from the gap on are held back from the batch (the re-read brings them
 again) and the same gap is re-read up to `rereads` times. A broker that skipped records serves them
-then (`Recovered`); a gap that every re-read shows again is the log's own (a marker, compaction,
+then (`recovered`); a gap that every re-read shows again is the log's own (a marker, compaction,
 retention) and is reported (`Gap`), never hidden: the loop logs and counts both. Bounded, so a
 legitimate gap costs a few fetches and never stalls the partition.
 """
