@@ -429,8 +429,9 @@ def _classify_throttled(items: Sequence[Item], body: bytes, headers: Mapping[str
 
     per_item: dict[int, ItemResult] = {}
     for index, item in enumerate(items):
-        user_id = item.payload.get("user_id")
-        device_id = item.payload.get("device_id")
+        payload = item.payload  # read back from the item's bytes: once, not once per field
+        user_id = payload.get("user_id")
+        device_id = payload.get("device_id")
         if user_id in quota_users or device_id in quota_devices:
             reason = "HTTP 429: exceeded daily quota"
         elif user_id in throttled_users or device_id in throttled_devices or index in throttled_events:
