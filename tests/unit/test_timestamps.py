@@ -1,13 +1,18 @@
+import os
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.segment.timestamps import (
     InvalidTimestamp,
     correct_skew,
     format_iso,
     from_millis,
+    is_canonical,
     iso_from_millis,
+    millis_and_text,
     millis_of,
     parse_iso,
     to_millis,
@@ -69,3 +74,48 @@ def test_millis_of_fast_path_agrees_with_the_full_parse(text):
 def test_millis_of_rejects_impossible_canonical_looking_strings(text):
     with pytest.raises(InvalidTimestamp):
         millis_of(text)
+
+
+# -- millis_and_text's fast path accepts exactly what the full check does ---------------------------
+
+_SEEN = "2026-11-22T10:00:00.123Z"  # its second is cached once read, so variants take the fast path
+
+
+def _reference(text: str) -> tuple[int, str] | str:
+    """What millis_and_text must return for `text`, by the slow road: the regular expression and a
+    full parse (or the InvalidTimestamp it must raise, as a string)."""
+    try:
+        ms = millis_of(text)
+    except InvalidTimestamp:
+        return "invalid"
+    return ms, text if is_canonical(text) else iso_from_millis(ms)
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 23), st.sampled_from("0123456789.Z:-T +" + "\u0663\u00b9\uff11\u0000é")),
+        max_size=3,
+    )
+)
+def test_fuzz_millis_and_text_agrees_with_the_full_check(edits):
+    millis_and_text(_SEEN)  # caches the second
+    text = list(_SEEN)
+    for position, char in edits:
+        text[position] = char
+    candidate = "".join(text)
+    for _twice in range(2):  # the second call finds the second cached, if the first cached it
+        try:
+            got: tuple[int, str] | str = millis_and_text(candidate)
+        except InvalidTimestamp:
+            got = "invalid"
+        assert got == _reference(candidate), candidate
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-11-22T10:00:00.1\u06633Z", "2026-11-22T10:00:00.\u00b923Z", "2026-11-22T10:00:00.12 Z"]
+)
+def test_milliseconds_that_are_not_ascii_digits_are_refused_on_a_second_already_seen(text):
+    millis_and_text(_SEEN)  # the second is cached: only the milliseconds differ
+    with pytest.raises(InvalidTimestamp):
+        millis_and_text(text)
