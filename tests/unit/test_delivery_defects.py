@@ -31,6 +31,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests.engine_reports import per_item
 from worker.avro_codec import EventCodec
 from worker.config import Config
 from worker.destinations import amberflo, amplitude, base, brevo, reteno
@@ -186,7 +187,7 @@ class Reports:
 
     def __call__(self, report: Any) -> None:
         with self.lock:
-            self.all.append(report)
+            self.all.extend(per_item(report))
 
     def items(self) -> list[ItemReport]:
         with self.lock:

@@ -23,11 +23,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from tests.engine_reports import per_item
 from worker.destinations.base import Endpoint, Item, ItemResult, Outcome, Request, Verdict, classify_status
 from worker.dlq.headers import Kind
 from worker.kafka.broker import free_port
 from worker.sink.delivery import DeliveryEngine, Pending
-from worker.sink.reports import CircuitReport, Delivered, Failed, ItemReport, Report, Withdrawn
+from worker.sink.reports import CircuitReport, Delivered, DeliveredReport, Failed, ItemReport, Report, Withdrawn
 from worker.sink.settings import SinkSettings
 
 NAME = "enginetest"
@@ -170,7 +171,7 @@ class Reports:
     def __call__(self, report: Report) -> None:
         self.on_report(report)
         with self.lock:
-            self.all.append((time.monotonic(), report))
+            self.all.extend((time.monotonic(), one) for one in per_item(report))
 
     def in_order(self) -> list[Report]:
         with self.lock:
@@ -271,6 +272,27 @@ def test_200_delivers_every_item_in_requests_within_max_items(serve, engine):
     assert sorted(len(r.ids) for r in server.requests()) == [5, 10, 10]
     assert sorted(server.accepted_ids()) == sorted(f"id-{n}" for n in range(25))
     stop_and_check_one_report_each(running, reports, range(25))
+
+
+def test_delivered_items_of_a_request_come_in_one_report(serve, engine):
+    # The strategy's main thread handles one report a request for what was delivered, not one an
+    # item; an item that fails still gets its own ItemReport beside its delivered batch-mates.
+    def answer(_number: int, events: list[dict[str, Any]]) -> Answer:
+        bad = [i for i, e in enumerate(events) if e["n"] == 13]
+        return (400, {"bad": bad}, {}) if bad else (200, {}, {})
+
+    raw: list[Report] = []
+    server = serve(answer)
+    running, reports = engine(url(server), on_report=raw.append)
+    running.submit(items(25))
+    reports.wait(25)
+    stop_and_check_one_report_each(running, reports, range(25))
+    delivered = [r.owners for r in raw if isinstance(r, DeliveredReport)]
+    accepted = [[int(i.removeprefix("id-")) for i in r.ids] for r in server.requests() if r.status == 200]
+    assert sorted(delivered) == sorted(accepted), (delivered, accepted)
+    assert sorted(len(owners) for owners in delivered) == [5, 9, 10], delivered  # 13's batch-mates, resent
+    singles = [r for r in raw if isinstance(r, ItemReport)]
+    assert [(r.owner, type(r.outcome)) for r in singles] == [(13, Failed)]
 
 
 def test_requests_stay_within_the_byte_limit_taking_whole_runs_of_each_user(serve, engine):

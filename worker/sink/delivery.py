@@ -36,10 +36,12 @@ exponential backoff's exponent is capped so it cannot overflow however many atte
 takes.
 
 Every submitted item is reported exactly once, by construction: each report goes through
-`_settle`, which marks the item settled; an item is reported only if it is not, and an unexpected
-error while a request is handled retries only the items of that request that are neither settled
-nor already queued again. Reports go through `report(ItemReport)` on the engine's thread
-(worker.sink.reports: Delivered, Failed, or Withdrawn after `withdraw()`); a change of the circuit
+`_settle` (or `_settle_delivered`, for the items one request delivered), which marks the item
+settled; an item is reported only if it is not, and an unexpected error while a request is handled
+retries only the items of that request that are neither settled nor already queued again. Reports
+go through `report` on the engine's thread (worker.sink.reports: one `DeliveredReport` a request
+for the items it delivered, an `ItemReport` for each Failed, or Withdrawn after `withdraw()`); a
+change of the circuit
 state is reported through the same callable as a `CircuitReport`, and a change in how many items
 are held for throttled users as a `HoldReport`.
 
@@ -70,7 +72,16 @@ from worker import logs, metrics
 from worker.destinations.base import Destination, Endpoint, Item, ItemResult, Outcome, Request, Verdict
 from worker.dlq.headers import Kind
 from worker.sink.ratelimit import TokenBucket
-from worker.sink.reports import DELIVERED, CircuitReport, Failed, HoldReport, ItemOutcome, ItemReport, Report, Withdrawn
+from worker.sink.reports import (
+    CircuitReport,
+    DeliveredReport,
+    Failed,
+    HoldReport,
+    ItemOutcome,
+    ItemReport,
+    Report,
+    Withdrawn,
+)
 from worker.sink.settings import SinkSettings
 
 log = logs.get(__name__)
@@ -527,15 +538,14 @@ class DeliveryEngine:
             await self._attempt(endpoint, group[half:], resend_depth)
             return
         resend: list[Pending] = []
-        delivered = 0
+        delivered: list[Pending] = []
         for index, pending in enumerate(group):
             if pending.settled:
                 continue
             result = outcome.for_item(index)
             verdict = result.verdict
             if verdict is Verdict.OK:
-                delivered += 1
-                self._settle(pending, DELIVERED)
+                delivered.append(pending)
             elif pending.revoked:  # not ours any more: its partition's new owner redoes it
                 self._settle(pending, REVOKED)
             elif verdict is Verdict.RESEND and resend_depth < MAX_RESEND_DEPTH:
@@ -547,7 +557,7 @@ class DeliveryEngine:
             else:  # RETRY, or RESEND too many times
                 self._retry(pending, result, outcome.http_status)
         if delivered:
-            self._delivered.inc(delivered)  # once a request: the counter takes a lock each time
+            self._settle_delivered(delivered)
         if resend:
             await self._attempt(endpoint, resend, resend_depth + 1)
 
@@ -685,13 +695,26 @@ class DeliveryEngine:
         self._settle(pending, Failed(kind, reason, pending.attempts, http_status))
 
     def _settle(self, pending: Pending, outcome: ItemOutcome) -> None:
-        """The one place an item is reported: once, whatever happens after."""
+        """The one place an item that was not delivered is reported: once, whatever happens after."""
+        if self._mark_settled(pending):
+            self.report(ItemReport(pending.owner, outcome))
+
+    def _settle_delivered(self, group: list[Pending]) -> None:
+        """The one place delivered items are reported: a request's in one report, each once. Most
+        items end here, so it is one report (and one counter increment, which takes a lock) a
+        request, not one an item."""
+        owners = [pending.owner for pending in group if self._mark_settled(pending)]
+        if owners:
+            self._delivered.inc(len(owners))
+            self.report(DeliveredReport(owners))
+
+    def _mark_settled(self, pending: Pending) -> bool:
         if pending.settled:
             log.error("an item was settled twice; the second outcome is dropped", destination=self.name)
-            return
+            return False
         pending.settled = True
         self._stop_sending(pending)
-        self.report(ItemReport(pending.owner, outcome))
+        return True
 
 
 def _keep_unowned(items: Iterable[Pending], owned: Callable[[Any], bool], withdrawn: list[Pending]) -> list[Pending]:

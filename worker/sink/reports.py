@@ -1,7 +1,9 @@
 """What the delivery engine tells the sink strategy, through one channel, from its own thread.
 
-Every item handed to the engine gets exactly one `ItemReport`, whose outcome is `Delivered`,
-`Failed` (dead-letter it) or `Withdrawn` (its partition was revoked: the new owner redoes it).
+Every item handed to the engine gets exactly one outcome: `Delivered`, `Failed` (dead-letter it)
+or `Withdrawn` (its partition was revoked: the new owner redoes it). The items one request
+delivered come in one `DeliveredReport` (the common case, so one report a request, not one an
+item); every other outcome in an `ItemReport` of its own.
 Changes of the destination's circuit state travel the same channel as `CircuitReport`, and of
 how many items wait for held users as `HoldReport`, so the loop's thread never reads the engine's
 attributes.
@@ -44,6 +46,13 @@ class ItemReport:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveredReport:
+    """The owners of the items one request delivered, each once."""
+
+    owners: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitReport:
     """The destination is failing for everyone (`open`), or works again."""
 
@@ -59,4 +68,4 @@ class HoldReport:
     held: int
 
 
-Report = ItemReport | CircuitReport | HoldReport
+Report = DeliveredReport | ItemReport | CircuitReport | HoldReport

@@ -42,7 +42,7 @@ from worker.kafka.offsets import Batch, TopicPartitionKey
 from worker.kafka.producer import ProducerFatal
 from worker.names import Names, sink_role
 from worker.sink.delivery import DeliveryEngine, Pending
-from worker.sink.reports import CircuitReport, Failed, HoldReport, ItemReport, Report
+from worker.sink.reports import DELIVERED, CircuitReport, DeliveredReport, Failed, HoldReport, ItemReport, Report
 from worker.sink.settings import SinkSettings
 from worker.sink.tracker import OpenMessage, SinkTracker
 
@@ -149,6 +149,14 @@ class SinkStrategy:
                 report = reports.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(report, DeliveredReport):  # the common case: a request's delivered items
+                tracker = self.tracker
+                owners = report.owners
+                self.outstanding -= len(owners)
+                for entry in owners:
+                    if tracker.report(entry, DELIVERED):
+                        self._finish(entry)
+                continue
             if isinstance(report, CircuitReport):
                 self._on_circuit(report)
                 continue
@@ -157,9 +165,8 @@ class SinkStrategy:
                 continue
             assert isinstance(report, ItemReport)
             self.outstanding -= 1
-            entry: OpenMessage = report.owner
-            if self.tracker.report(entry, report.outcome):
-                self._finish(entry)
+            if self.tracker.report(report.owner, report.outcome):
+                self._finish(report.owner)
         metrics.OUTSTANDING.set(self.outstanding)
 
     def _on_circuit(self, report: CircuitReport) -> None:
