@@ -12,6 +12,7 @@ from worker.segment.timestamps import (
     from_millis,
     is_canonical,
     iso_from_millis,
+    millis,
     millis_and_text,
     millis_of,
     parse_iso,
@@ -82,10 +83,10 @@ _SEEN = "2026-11-22T10:00:00.123Z"  # its second is cached once read, so variant
 
 
 def _reference(text: str) -> tuple[int, str] | str:
-    """What millis_and_text must return for `text`, by the slow road: the regular expression and a
-    full parse (or the InvalidTimestamp it must raise, as a string)."""
+    """What millis_and_text must return for `text`, by the slow road: a full parse and the regular
+    expression (or the InvalidTimestamp it must raise, as a string)."""
     try:
-        ms = millis_of(text)
+        ms = millis(parse_iso(text))
     except InvalidTimestamp:
         return "invalid"
     return ms, text if is_canonical(text) else iso_from_millis(ms)
@@ -104,12 +105,18 @@ def test_fuzz_millis_and_text_agrees_with_the_full_check(edits):
     for position, char in edits:
         text[position] = char
     candidate = "".join(text)
+    expected = _reference(candidate)
     for _twice in range(2):  # the second call finds the second cached, if the first cached it
         try:
             got: tuple[int, str] | str = millis_and_text(candidate)
         except InvalidTimestamp:
             got = "invalid"
-        assert got == _reference(candidate), candidate
+        assert got == expected, candidate
+        try:
+            alone: int | str = millis_of(candidate)  # the sinks' call: the same fast path
+        except InvalidTimestamp:
+            alone = "invalid"
+        assert alone == (expected if expected == "invalid" else expected[0]), candidate
 
 
 @pytest.mark.parametrize(
@@ -119,3 +126,5 @@ def test_milliseconds_that_are_not_ascii_digits_are_refused_on_a_second_already_
     millis_and_text(_SEEN)  # the second is cached: only the milliseconds differ
     with pytest.raises(InvalidTimestamp):
         millis_and_text(text)
+    with pytest.raises(InvalidTimestamp):
+        millis_of(text)

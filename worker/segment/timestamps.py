@@ -92,11 +92,32 @@ def _canonical_millis(text: str) -> int:
     return second * 1000 + int(text[20:23])
 
 
+# "000".."999" -> their value: the milliseconds of a canonical text, checked and read in one lookup.
+_MILLI_DIGITS = {f"{n:03d}": n for n in range(1000)}
+
+
+def _seen_canonical_millis(value: str) -> int | None:
+    """Epoch milliseconds of a canonical text on a second already seen, else None (then the caller
+    takes the full check). Several times an event, in the normaliser and in the sinks: a second
+    already seen holds only prefixes that passed the full check, and the milliseconds must be three
+    ASCII digits, so this accepts exactly what is_canonical does, without the regular expression."""
+    if len(value) == 24 and value[19] == "." and value[23] == "Z":
+        second = _PREFIX_SECONDS.get(value[:19])
+        milli = _MILLI_DIGITS.get(value[20:23])
+        if second is not None and milli is not None:
+            return second * 1000 + milli
+    return None
+
+
 def millis_of(value: object) -> int:
     """Epoch milliseconds of an ISO-8601 string. Canonical strings take a cached fast path with no
     datetime (this runs several times per event); anything else is parsed in full."""
-    if isinstance(value, str) and is_canonical(value):
-        return _canonical_millis(value)
+    if isinstance(value, str):
+        ms = _seen_canonical_millis(value)
+        if ms is not None:
+            return ms
+        if is_canonical(value):
+            return _canonical_millis(value)
     return millis(parse_iso(value))
 
 
@@ -105,23 +126,15 @@ def canonical_text(text: str, ms: int) -> str:
     return text if is_canonical(text) else iso_from_millis(ms)
 
 
-# "000".."999" -> their value: the milliseconds of a canonical text, checked and read in one lookup.
-_MILLI_DIGITS = {f"{n:03d}": n for n in range(1000)}
-
-
 def millis_and_text(value: object) -> tuple[int, str]:
     """Epoch milliseconds and canonical text of an ISO-8601 string: millis_of and canonical_text in
     one, checking the shape once (the normaliser's per-field call). Raises InvalidTimestamp."""
-    if isinstance(value, str) and len(value) == 24 and value[19] == "." and value[23] == "Z":
-        # The fast path, three times an event: a second already seen holds only prefixes that
-        # passed the full check, and the milliseconds are three ASCII digits, so this accepts
-        # exactly what is_canonical does, without the regular expression.
-        second = _PREFIX_SECONDS.get(value[:19])
-        milli = _MILLI_DIGITS.get(value[20:23])
-        if second is not None and milli is not None:
-            return second * 1000 + milli, value
-    if isinstance(value, str) and is_canonical(value):
-        return _canonical_millis(value), value
+    if isinstance(value, str):
+        ms = _seen_canonical_millis(value)
+        if ms is not None:
+            return ms, value
+        if is_canonical(value):
+            return _canonical_millis(value), value
     ms = millis(parse_iso(value))
     return ms, iso_from_millis(ms)
 
