@@ -1,4 +1,4 @@
-"""Sink throughput: events/s a sink delivers into the local stand-in destination, one broker, one run;
+"""Sink throughput: events/s a sink delivers into the local stand-in destination, one broker at a time;
 for Amplitude, side by side with a plain-loop peer (bench/plain_sink.py).
 
 100k normalised track events are written to `segment.dest.<dest>` before the sink starts, so the
@@ -25,7 +25,12 @@ where Amplitude takes 1000. `--broker both` runs everything on the embedded brok
 Kafka, in one invocation, and ends with one summary line per broker.
 
     .venv/bin/python bench/sink_throughput.py [--events 100000] [--destinations amplitude,amberflo]
-        [--traffic realistic|bench] [--broker embedded|apache-kafka|both] [--compare-order] [--profile DIR]
+        [--traffic realistic|bench] [--broker embedded|apache-kafka|both] [--runs 1] [--compare-order]
+        [--profile DIR]
+
+`--runs N` repeats every side (each destination, then the plain loop) N times on the same backlog,
+each run in fresh consumer groups into a reset stand-in, and ends with each side's median rate and
+the ratio of the medians.
 
 `--compare-order` runs each sink a second time with SINK_PER_USER_ORDER=false on the same backlog
 (a fresh consumer group, the stand-in reset) and prints what per-user order costs. `--profile DIR`
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 import urllib.request
@@ -213,13 +219,13 @@ class PlainSink(Role):
 
 
 def start_plain_sink(
-    config: Config, kind: str, standins: StandinServer, args: argparse.Namespace, log_dir: Path
+    config: Config, kind: str, standins: StandinServer, args: argparse.Namespace, log_dir: Path, tag: str
 ) -> Role:
     """The plain loop on the Amplitude dest topic, with the broker's client workarounds as -X overrides."""
     bootstrap = config.settings.kafka_bootstrap_servers
     overrides = [f"-X{k}={v}" for k, v in kafka_properties(client_workarounds(kind), bootstrap).items()]
     command = [bootstrap, config.names.dest("amplitude"), standins.base, default_key("amplitude")]
-    command += ["--events", str(args.events), "--group", f"{GROUP_PREFIX}plain-sink-amplitude"]
+    command += ["--events", str(args.events), "--group", f"{GROUP_PREFIX}plain-sink-amplitude{tag}"]
     command += ["--deadline", str(args.timeout + 30), *(o for o in overrides if not o.startswith("-Xbootstrap."))]
     return PlainSink(command, child_env(), log_dir / "plain-sink-amplitude.log")
 
@@ -288,6 +294,7 @@ def run_destination(
     broker_pid: int,
     args: argparse.Namespace,
     log_dir: Path,
+    tag: str,
     per_user_order: bool = True,
 ) -> Run:
     # The rate limit is lifted so the sink's own throughput is what is measured. Each run reads the
@@ -301,9 +308,9 @@ def run_destination(
         log_dir,
         AMPLITUDE_EVENTS_PER_SECOND="100000000",
         SINK_PER_USER_ORDER=str(per_user_order).lower(),
-        CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}-",
+        CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}{tag}-",
     )
-    return timed_run(sink, destination, f"sink-{destination}-{mode}", standins, broker_pid, args, log_dir)
+    return timed_run(sink, destination, f"sink-{destination}-{mode}{tag}", standins, broker_pid, args, log_dir)
 
 
 def timed_run(
@@ -327,13 +334,19 @@ def timed_run(
 
 
 def run_plain(
-    config: Config, kind: str, standins: StandinServer, broker_pid: int, args: argparse.Namespace, log_dir: Path
+    config: Config,
+    kind: str,
+    standins: StandinServer,
+    broker_pid: int,
+    args: argparse.Namespace,
+    log_dir: Path,
+    tag: str,
 ) -> Run:
     """bench/plain_sink.py on the Amplitude backlog, as `run_destination` runs the product's sink: its
     own consumer group from the start, into a stand-in that forgot the last run, timed by `measure`."""
     standins.call("POST", "/_standin/amplitude/reset", {})
-    sink = start_plain_sink(config, kind, standins, args, log_dir)
-    return timed_run(sink, "amplitude", "sink-amplitude-plain", standins, broker_pid, args, log_dir)
+    sink = start_plain_sink(config, kind, standins, args, log_dir, tag)
+    return timed_run(sink, "amplitude", f"sink-amplitude-plain{tag}", standins, broker_pid, args, log_dir)
 
 
 def report(destination: str, run: Run, events: int) -> None:
@@ -357,8 +370,9 @@ def details(run: Run, events: int) -> None:
 
 def run_broker(
     broker: LoopbackBroker, destinations: list[str], args: argparse.Namespace, log_dir: Path
-) -> dict[str, Run]:
-    """Every destination's run on `broker`, from one backlog written before the first sink starts."""
+) -> list[dict[str, Run]]:
+    """Every destination's runs on `broker`, `--runs` rounds from one backlog written before the first
+    sink starts; each round's sides in fresh consumer groups (`tag`: the round, when there are several)."""
     assert broker.process is not None
     config = bench_config(broker, args.partitions)
     create_all(config)
@@ -370,27 +384,48 @@ def run_broker(
         flush=True,
     )
     standins = StandinServer(log_dir)
-    runs: dict[str, Run] = {}
+    pid = broker.process.pid
+    rounds: list[dict[str, Run]] = []
     try:
-        for destination in destinations:
-            runs[destination] = run_destination(config, destination, standins, broker.process.pid, args, log_dir)
-            report(destination, runs[destination], args.events)
-            if destination == "amplitude":
-                runs[PLAIN] = run_plain(config, broker.kind, standins, broker.process.pid, args, log_dir)
-                report(PLAIN, runs[PLAIN], args.events)
-                print(f"product / plain: {runs[destination].rate / runs[PLAIN].rate:.2f}", flush=True)
-            if args.compare_order:
-                unordered = run_destination(
-                    config, destination, standins, broker.process.pid, args, log_dir, per_user_order=False
-                )
-                report(f"{destination} (SINK_PER_USER_ORDER=false)", unordered, args.events)
-                print(
-                    f"  per-user order costs {1 - runs[destination].rate / unordered.rate:+.0%} of the unordered "
-                    f"rate ({runs[destination].rate:,.0f} vs {unordered.rate:,.0f} events/s, same backlog, same run)"
-                )
+        for number in range(1, args.runs + 1):
+            tag = f"-run{number}" if args.runs > 1 else ""
+            if args.runs > 1:
+                print(f"run {number}/{args.runs} on {describe(broker.kind)} (1-minute load {os.getloadavg()[0]:.1f}):")
+            runs: dict[str, Run] = {}
+            for destination in destinations:
+                runs[destination] = run_destination(config, destination, standins, pid, args, log_dir, tag)
+                report(destination, runs[destination], args.events)
+                if destination == "amplitude":
+                    runs[PLAIN] = run_plain(config, broker.kind, standins, pid, args, log_dir, tag)
+                    report(PLAIN, runs[PLAIN], args.events)
+                    print(f"product / plain: {runs[destination].rate / runs[PLAIN].rate:.2f}", flush=True)
+                if args.compare_order:
+                    unordered = run_destination(
+                        config, destination, standins, pid, args, log_dir, tag, per_user_order=False
+                    )
+                    report(f"{destination} (SINK_PER_USER_ORDER=false)", unordered, args.events)
+                    print(
+                        f"  per-user order costs {1 - runs[destination].rate / unordered.rate:+.0%} of the "
+                        f"unordered rate ({runs[destination].rate:,.0f} vs {unordered.rate:,.0f} events/s, "
+                        "same backlog, same run)"
+                    )
+            rounds.append(runs)
     finally:
         standins.role.terminate()
-    return runs
+    return rounds
+
+
+def median_rates(rounds: list[dict[str, Run]]) -> dict[str, float]:
+    """Each side's median rate over the rounds (the ratio is then one of medians, not a median of ratios)."""
+    return {side: statistics.median(runs[side].rate for runs in rounds) for side in rounds[0]}
+
+
+def summary(rates: dict[str, float]) -> str:
+    parts = [f"{side} {rate:,.0f} events/s" for side, rate in rates.items()]
+    if "amplitude" in rates and PLAIN in rates:
+        ratio = rates["amplitude"] / rates[PLAIN]
+        parts[list(rates).index(PLAIN)] += f" (amplitude product / plain: {ratio:.2f})"
+    return ", ".join(parts)
 
 
 def main() -> None:
@@ -406,6 +441,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--destinations", default="amplitude,amberflo")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per destination before giving up")
+    parser.add_argument("--runs", type=int, default=1, help="rounds of every side, one backlog; medians at the end")
     parser.add_argument(
         "--compare-order",
         action="store_true",
@@ -427,17 +463,18 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown destinations {unknown}; known: {', '.join(registry.names())}")
 
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     results = on_each_broker(
         args.broker, "sink-bench-", lambda broker, log_dir: run_broker(broker, destinations, args, log_dir)
     )
+    if args.runs > 1:
+        for kind, rounds in results.items():
+            print(f"median of {args.runs} runs on {describe(kind)}: {summary(median_rates(rounds))}")
     if len(results) > 1:
-        print("side by side (one run):")
-        for kind, runs in results.items():
-            parts = [f"{d} {run.rate:,.0f} events/s" for d, run in runs.items()]
-            if "amplitude" in runs and PLAIN in runs:
-                ratio = runs["amplitude"].rate / runs[PLAIN].rate
-                parts[list(runs).index(PLAIN)] += f" (amplitude product / plain: {ratio:.2f})"
-            print(f"  {describe(kind)}: {', '.join(parts)}")
+        print(f"side by side ({f'medians of {args.runs} runs' if args.runs > 1 else 'one run'}):")
+        for kind, rounds in results.items():
+            print(f"  {describe(kind)}: {summary(median_rates(rounds))}")
 
 
 if __name__ == "__main__":
