@@ -41,6 +41,19 @@ def test_every_client_gets_the_users_properties_and_only_its_own_kind():
     assert consumer["group.id"] == "segment-normalize"
 
 
+def test_a_consumer_at_its_prefetch_bound_fetches_again_soon_and_the_user_can_say_otherwise():
+    # librdkafka waits fetch.queue.backoff.ms (1 s by default) to fetch again once a partition's
+    # prefetch reaches its bound; with the sink's bounded prefetch that starved a running sink.
+    for bounded in (True, False):
+        config = Config.from_sources({}).kafka.consumer_config("sink-amplitude", bounded_prefetch=bounded)
+        assert int(config["fetch.queue.backoff.ms"]) <= 50
+    assert int(Config.from_sources({}).kafka.consumer_config("x", bounded_prefetch=True)["queued.min.messages"])
+    user = Config.from_sources({"KAFKA_FETCH_QUEUE_BACKOFF_MS": "500"}).kafka.consumer_config(
+        "x", bounded_prefetch=True
+    )
+    assert user["fetch.queue.backoff.ms"] == "500"
+
+
 def test_destinations_setting():
     assert Settings.from_sources({"DESTINATIONS": "amplitude, brevo"}).destinations == ["amplitude", "brevo"]
     with pytest.raises(ConfigError, match=r"^DESTINATIONS=amplitude,mixpanel: unknown destinations \['mixpanel'\]"):
