@@ -165,6 +165,8 @@ class Defects:
     ) -> Outcome:
         if status == 418:
             raise RuntimeError("classify bug: an answer nobody foresaw")
+        if status == 207:  # taken, but reading item `bug_at`'s verdict meets a bug
+            return Outcome(status, ItemResult(Verdict.OK, ""), BugAt(orjson.loads(body)["bug_at"]))
         default = classify_status(status, body, headers)
         parsed = orjson.loads(body) if body else {}
         if status == 400 and parsed.get("bad"):
@@ -176,6 +178,19 @@ class Defects:
             per_item = {i: throttled for i, item in enumerate(items) if item.user in users}
             return Outcome(status, ItemResult(Verdict.RESEND, "a batch-mate was throttled"), per_item)
         return Outcome(status, default)
+
+
+class BugAt(dict[int, ItemResult]):
+    """Per-item verdicts whose reading raises at one index, as a destination's bug would."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def get(self, index: int, default: Any = None) -> Any:  # type: ignore[override]
+        if index == self.index:
+            raise RuntimeError(f"classify bug reading item {index}")
+        return default
 
 
 class Reports:
@@ -643,6 +658,23 @@ def test_an_exception_after_part_of_a_request_was_reported_does_not_report_those
     assert all(isinstance(reports.outcome(n), Delivered) for n in range(10) if n != 3)
     assert "id-3" not in [i for r in server.requests()[1:] for i in r.ids]  # never sent again
     assert Counter(server.accepted()) == Counter(f"id-{n}" for n in range(10) if n != 3)
+    one_report_each(running, reports, range(10))
+
+
+def test_an_exception_reading_one_items_verdict_keeps_the_items_before_it_delivered(scripted, engine):
+    # The destination took the whole request; reading item 5's verdict fails. Items 0-4 were read
+    # as delivered: they are reported so and never sent again; 5-9 are retried.
+    def answer(number: int, _events: list[dict[str, Any]]) -> Answer:
+        return (207, {"bug_at": 5}, {}) if number == 0 else (200, {}, {})
+
+    server = scripted(answer)
+    running, reports = engine(Defects(server.url))
+    running.submit(pending(10))
+    reports.wait(10)
+    time.sleep(0.3)  # a second report would come within the backoff
+    assert all(isinstance(reports.outcome(n), Delivered) for n in range(10))
+    later = [i for r in server.requests()[1:] for i in r.ids]
+    assert sorted(later) == sorted(f"id-{n}" for n in range(5, 10)), later
     one_report_each(running, reports, range(10))
 
 

@@ -539,25 +539,27 @@ class DeliveryEngine:
             return
         resend: list[Pending] = []
         delivered: list[Pending] = []
-        for index, pending in enumerate(group):
-            if pending.settled:
-                continue
-            result = outcome.for_item(index)
-            verdict = result.verdict
-            if verdict is Verdict.OK:
-                delivered.append(pending)
-            elif pending.revoked:  # not ours any more: its partition's new owner redoes it
-                self._settle(pending, REVOKED)
-            elif verdict is Verdict.RESEND and resend_depth < MAX_RESEND_DEPTH:
-                resend.append(pending)
-            elif verdict is Verdict.THROTTLED:
-                self._throttle(pending, result, outcome.http_status)
-            elif verdict in (Verdict.PERMANENT, Verdict.SPLIT):  # SPLIT of a single item: too large to ever fit
-                self._dead(pending, Kind.PERMANENT, result.reason or "rejected", outcome.http_status)
-            else:  # RETRY, or RESEND too many times
-                self._retry(pending, result, outcome.http_status)
-        if delivered:
-            self._settle_delivered(delivered)
+        try:
+            for index, pending in enumerate(group):
+                if pending.settled:
+                    continue
+                result = outcome.for_item(index)
+                verdict = result.verdict
+                if verdict is Verdict.OK:
+                    delivered.append(pending)
+                elif pending.revoked:  # not ours any more: its partition's new owner redoes it
+                    self._settle(pending, REVOKED)
+                elif verdict is Verdict.RESEND and resend_depth < MAX_RESEND_DEPTH:
+                    resend.append(pending)
+                elif verdict is Verdict.THROTTLED:
+                    self._throttle(pending, result, outcome.http_status)
+                elif verdict in (Verdict.PERMANENT, Verdict.SPLIT):  # SPLIT of a single item: too large to ever fit
+                    self._dead(pending, Kind.PERMANENT, result.reason or "rejected", outcome.http_status)
+                else:  # RETRY, or RESEND too many times
+                    self._retry(pending, result, outcome.http_status)
+        finally:  # what the destination took is settled even if a batch-mate's handling fails
+            if delivered:
+                self._settle_delivered(delivered)
         if resend:
             await self._attempt(endpoint, resend, resend_depth + 1)
 
