@@ -109,16 +109,22 @@ def _seen_canonical_millis(value: str) -> int | None:
     return None
 
 
+def _millis_if_canonical(value: object) -> int | None:
+    """Epoch milliseconds of a canonical text (the fast path first, then the regular expression),
+    else None: what millis_of and millis_and_text both try before a full parse."""
+    if not isinstance(value, str):
+        return None
+    ms = _seen_canonical_millis(value)
+    if ms is None and is_canonical(value):
+        ms = _canonical_millis(value)
+    return ms
+
+
 def millis_of(value: object) -> int:
     """Epoch milliseconds of an ISO-8601 string. Canonical strings take a cached fast path with no
     datetime (this runs several times per event); anything else is parsed in full."""
-    if isinstance(value, str):
-        ms = _seen_canonical_millis(value)
-        if ms is not None:
-            return ms
-        if is_canonical(value):
-            return _canonical_millis(value)
-    return millis(parse_iso(value))
+    ms = _millis_if_canonical(value)
+    return ms if ms is not None else millis(parse_iso(value))
 
 
 def canonical_text(text: str, ms: int) -> str:
@@ -129,12 +135,9 @@ def canonical_text(text: str, ms: int) -> str:
 def millis_and_text(value: object) -> tuple[int, str]:
     """Epoch milliseconds and canonical text of an ISO-8601 string: millis_of and canonical_text in
     one, checking the shape once (the normaliser's per-field call). Raises InvalidTimestamp."""
-    if isinstance(value, str):
-        ms = _seen_canonical_millis(value)
-        if ms is not None:
-            return ms, value
-        if is_canonical(value):
-            return _canonical_millis(value), value
+    ms = _millis_if_canonical(value)
+    if ms is not None:
+        return ms, value  # type: ignore[return-value]  # canonical, so a str
     ms = millis(parse_iso(value))
     return ms, iso_from_millis(ms)
 
