@@ -32,8 +32,9 @@ GROUP_CONSUMER_DEFAULTS = {
     # When a partition's prefetched messages reach the local queue's bound (queued.min.messages,
     # queued.max.messages.kbytes), librdkafka postpones its next fetch by this long, 1 s by
     # default: a bound that holds less than a second of a running consumer's input then starves
-    # it (the sink's BOUNDED_PREFETCH below cost it a third of its rate, 15k -> 24k events/s on
-    # Apache Kafka once this was 10 ms). A short wait only means the fetcher looks again sooner.
+    # it (with the sink's BOUNDED_PREFETCH below, 10 ms took the Amplitude sink from 15,138 to
+    # 20,867 events/s on Apache Kafka and from 14,269 to 22,308 on the embedded broker, medians of
+    # 3 runs in docs/BENCHMARKS.md). A short wait only means the fetcher looks again sooner.
     "fetch.queue.backoff.ms": "10",
 }
 
