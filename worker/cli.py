@@ -18,6 +18,7 @@ from worker import health, logs
 from worker.config import Config, load_config
 from worker.config_loader import ConfigError
 from worker.destinations import registry
+from worker.members import MEMBER_ENV, PROCESSES_OPTION, Supervisor, member_arguments, watch_supervisor
 from worker.names import RAW
 from worker.runtime import settle_gc
 
@@ -82,13 +83,18 @@ class _Shutdown:
 
     @classmethod
     def install(cls) -> None:
-        def handler(signum: int, _frame: object) -> None:
-            cls.requested = True
-            for stop in cls.stoppers:
-                stop()
+        def handler(_signum: int, _frame: object) -> None:
+            cls.request()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        watch_supervisor(cls.request)  # a member of `--processes N` stops when its supervisor is gone
+
+    @classmethod
+    def request(cls) -> None:
+        cls.requested = True
+        for stop in cls.stoppers:
+            stop()
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -97,13 +103,32 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
         stop()
 
 
+_processes_option = click.option(
+    PROCESSES_OPTION,
+    "processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="run N members of the consumer group (one a core); METRICS_PORT + i serves member i",
+)
+
+
+def _run_as_members_if_asked(config: Config, processes: int) -> None:
+    """With --processes N > 1 this process only supervises N members (worker.members) and exits with them."""
+    if processes == 1:
+        return
+    supervisor = Supervisor(member_arguments(sys.argv[1:]), processes, config.settings.metrics_port)
+    supervisor.install_signal_handlers()
+    sys.exit(supervisor.run())
+
+
 @click.group()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="dotenv-style file; env wins")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     """Segment-spec events on Kafka: normalise, enrich, fan out, deliver."""
-    logs.configure(log_level.upper())
+    logs.configure(log_level.upper(), os.environ.get(MEMBER_ENV))
     ctx.ensure_object(dict)
     with _refusing_bad_config():
         ctx.obj["config"] = load_config(os.environ, config_file)
@@ -145,13 +170,15 @@ def topics_create(ctx: click.Context, partitions: int | None) -> None:
 
 
 @cli.command()
+@_processes_option
 @click.pass_context
-def normalize(ctx: click.Context) -> None:
+def normalize(ctx: click.Context, processes: int) -> None:
     """Run the normaliser consumer group (segment.raw -> segment.dest.*)."""
     from worker.normalize.strategy import build
 
-    _Shutdown.install()
     config = _config(ctx)
+    _run_as_members_if_asked(config, processes)
+    _Shutdown.install()
     with _refusing_bad_config():
         loop, reader = build(config)
     health.serve(config.settings.metrics_port)
@@ -181,13 +208,15 @@ def collect(ctx: click.Context, host: str, port: int) -> None:
 
 @cli.command()
 @click.argument("destination", type=DestinationName())
+@_processes_option
 @click.pass_context
-def sink(ctx: click.Context, destination: str) -> None:
+def sink(ctx: click.Context, destination: str, processes: int) -> None:
     """Run DESTINATION's sink consumer group (segment.dest.DESTINATION -> its API)."""
     from worker.sink.strategy import build
 
-    _Shutdown.install()
     config = _config(ctx)
+    _run_as_members_if_asked(config, processes)
+    _Shutdown.install()
     with _refusing_bad_config():
         loop = build(config, destination)
     health.serve(config.settings.metrics_port)

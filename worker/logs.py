@@ -40,11 +40,18 @@ def scrub(text: str, secrets: list[str]) -> str:
     return text
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", member: str | None = None) -> None:
+    """`member`: which of a `--processes N` role's members this process is, on every line it logs."""
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+
+    def add_member(_logger: object, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict["member"] = member
+        return event_dict
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([add_member] if member is not None else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact,
