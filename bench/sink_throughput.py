@@ -199,7 +199,9 @@ class StandinServer:
         self.call("POST", f"/_standin/{destination}/faults", faults)
 
 
-def start_sink(config: Config, destination: str, standins: StandinServer, log_dir: Path, **extra: str) -> Role:
+def start_sink(
+    config: Config, destination: str, standins: StandinServer, log_dir: Path, processes: int = 1, **extra: str
+) -> Role:
     """`sink <destination>` for `config` (from `brokers.bench_config`: its sources carry the broker's client
     workarounds); the stand-ins' env carries the API key the sink refuses to start without."""
     env = {
@@ -209,7 +211,7 @@ def start_sink(config: Config, destination: str, standins: StandinServer, log_di
         **extra,
     }
     log_path = log_dir / f"sink-{destination}.log"
-    return Role(["--log-level", "WARNING", "sink", destination], env, log_path)
+    return Role(["--log-level", "WARNING", "sink", destination, "--processes", str(processes)], env, log_path)
 
 
 class PlainSink(Role):
@@ -231,13 +233,18 @@ def start_plain_sink(
 
 
 def cpu_seconds(pid: int, gone: float = 0.0) -> float:
-    """User + system CPU time of a process so far (from /proc), to see who was the bottleneck;
-    `gone` for a process already reaped."""
+    """User + system CPU time of a process and its live children so far (from /proc: a `--processes N`
+    sink's members are its children), to see who was the bottleneck; `gone` for a process already reaped."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return gone
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        children = []
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 # -- measurement ---------------------------------------------------------------------------------
@@ -306,6 +313,7 @@ def run_destination(
         destination,
         standins,
         log_dir,
+        args.processes,
         AMPLITUDE_EVENTS_PER_SECOND="100000000",
         SINK_PER_USER_ORDER=str(per_user_order).lower(),
         CONSUMER_GROUP_PREFIX=f"{GROUP_PREFIX}{mode}{tag}-",
@@ -349,10 +357,13 @@ def run_plain(
     return timed_run(sink, "amplitude", f"sink-amplitude-plain{tag}", standins, broker_pid, args, log_dir)
 
 
-def report(destination: str, run: Run, events: int) -> None:
+def report(destination: str, run: Run, events: int, processes: int = 1) -> None:
     line = f"{destination} sink: {run.rate:,.0f} events/s"
+    if processes > 1:
+        line += f" from {processes} processes, {run.rate / processes:,.0f} a process"
     if destination == "amplitude":
-        line += f" ({run.rate / AMPLITUDE_TARGET:.2f}x the {AMPLITUDE_TARGET // 1000}k target)"
+        per_process = run.rate / processes  # the target is a process's
+        line += f" ({per_process / AMPLITUDE_TARGET:.2f}x the {AMPLITUDE_TARGET // 1000}k target a process)"
     elif destination == PLAIN:
         line = f"{PLAIN}: {run.rate:,.0f} events/s"
     print(line)
@@ -394,7 +405,7 @@ def run_broker(
             runs: dict[str, Run] = {}
             for destination in destinations:
                 runs[destination] = run_destination(config, destination, standins, pid, args, log_dir, tag)
-                report(destination, runs[destination], args.events)
+                report(destination, runs[destination], args.events, args.processes)
                 if destination == "amplitude":
                     runs[PLAIN] = run_plain(config, broker.kind, standins, pid, args, log_dir, tag)
                     report(PLAIN, runs[PLAIN], args.events)
@@ -442,6 +453,12 @@ def main() -> None:
     parser.add_argument("--destinations", default="amplitude,amberflo")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per destination before giving up")
     parser.add_argument("--runs", type=int, default=1, help="rounds of every side, one backlog; medians at the end")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the product's sink as `sink D --processes N` (N members of its group); the target is per process",
+    )
     parser.add_argument(
         "--compare-order",
         action="store_true",

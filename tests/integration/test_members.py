@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_broker_behaviour import TANSU_WEDGE
-from tests.kafka_helpers import crash_test_variables, settings_for, setup_topics, start_role
+from tests.integration.test_broker_behaviour import TANSU_WEDGE, _events, _ids
+from tests.kafka_helpers import crash_test_variables, produce, read, settings_for, setup_topics, start_role
 from tests.sink_helpers import FAST_SINK_ENV, metric_value, track_events, wait_until, write_events
 from worker.kafka.broker import free_port
 
@@ -148,3 +148,24 @@ def test_a_configuration_error_stops_every_member_at_once(broker, prefix, standi
     assert "AMPLITUDE_API_KEY is not set" in log
     assert "member exited; starting it again" not in log
     assert all(len(pids) == 1 for pids in started_members(role.log_path).values())
+
+
+def test_the_normaliser_runs_as_two_members_too(broker, prefix, tmp_path):
+    settings = settings_for(broker, prefix, partitions=PARTITIONS)
+    setup_topics(settings)
+    port = free_port()
+    role = start_role(
+        settings, ["normalize", "--processes", "2"], tmp_path, DESTINATIONS="amplitude", METRICS_PORT=str(port)
+    )
+    try:
+        wait_settled([port, port + 1])
+        produce(settings, "raw", _events(0, 2000))
+        messages = read(settings, "dest.amplitude", lambda seen: len(_ids(seen)) >= 2000, timeout=60)
+        assert _ids(messages) == {f"b{i}" for i in range(2000)}
+        produced = f'segment_worker_produced_total{{topic="{settings.names.full_topic("dest.amplitude")}"}}'
+        counts = lambda: [metric_value(p, produced) or 0 for p in (port, port + 1)]  # noqa: E731
+        # Counted once a batch is acknowledged: moments after its records can be read.
+        wait_until(lambda: sum(counts()) >= 2000, 30, "both members count what they produced")
+        assert all(n > 0 for n in counts()), counts()  # both members did part of the work
+    finally:
+        assert role.terminate() == 0
