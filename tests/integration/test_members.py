@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -26,8 +28,23 @@ def reset(clean_standins):
     """Every test starts with stand-ins that remember nothing and inject no fault."""
 
 
+def free_ports(count: int) -> int:
+    """A port P with P .. P + count - 1 all free now (member i serves on P + i): tests run in
+    parallel, and a port next to a free one is often another test's."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for offset in range(1, count):
+                    held.enter_context(socket.create_server(("127.0.0.1", base + offset)))
+            return base
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} free ports in a row on loopback")
+
+
 def supervised_sink(settings, standins, tmp_path, processes: int = 2, **env: str):
-    port = free_port()  # member i serves on port + i; the next one is taken only if free, as here
+    port = free_ports(processes)
     role = start_role(
         settings,
         ["sink", "amplitude", "--processes", str(processes)],
@@ -153,7 +170,7 @@ def test_a_configuration_error_stops_every_member_at_once(broker, prefix, standi
 def test_the_normaliser_runs_as_two_members_too(broker, prefix, tmp_path):
     settings = settings_for(broker, prefix, partitions=PARTITIONS)
     setup_topics(settings)
-    port = free_port()
+    port = free_ports(2)
     role = start_role(
         settings, ["normalize", "--processes", "2"], tmp_path, DESTINATIONS="amplitude", METRICS_PORT=str(port)
     )
