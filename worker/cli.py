@@ -16,14 +16,11 @@ import orjson
 
 from worker import health, logs
 from worker.config import Config, load_config
-from worker.config_loader import ConfigError
+from worker.config_loader import CONFIG_EXIT_CODE, ConfigError
 from worker.destinations import registry
 from worker.members import MEMBER_ENV, PROCESSES_OPTION, Supervisor, member_arguments, watch_supervisor
 from worker.names import RAW
 from worker.runtime import settle_gc
-
-# Exit code of a role refused at start-up for its configuration (as click's usage errors).
-CONFIG_EXIT_CODE = 2
 
 
 def _config(ctx: click.Context) -> Config:

@@ -31,6 +31,11 @@ class ConfigError(ValueError):
     """A setting that cannot be used; its message is one line that names the variable."""
 
 
+# Exit code of a role refused at start-up for its configuration (as click's usage errors); the
+# `--processes` supervisor reads it too, as the one failure no restart cures.
+CONFIG_EXIT_CODE = 2
+
+
 def read_sources(environ: Mapping[str, str], config_file: str | None = None) -> dict[str, str]:
     """The environment over the dotenv file (`config_file`, else `SEGMENT_WORKER_CONFIG`)."""
     merged: dict[str, str] = {}

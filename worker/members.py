@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from worker import logs
+from worker.config_loader import CONFIG_EXIT_CODE
 
 MEMBER_ENV = "SEGMENT_WORKER_MEMBER"
 SUPERVISOR_ENV = "SEGMENT_WORKER_SUPERVISOR_PID"
 PROCESSES_OPTION = "--processes"
-CONFIG_EXIT_CODE = 2  # as the CLI's: a setting that cannot be used
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0  # a member that ran this long before exiting starts again after FIRST_BACKOFF
