@@ -80,16 +80,9 @@ class _Member:
 class Supervisor:
     """Runs `count` members of one role until told to stop; see the module's docstring."""
 
-    def __init__(
-        self,
-        arguments: Sequence[str],
-        count: int,
-        metrics_port: int | None,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, arguments: Sequence[str], count: int, metrics_port: int | None) -> None:
         self.command = [sys.executable, "-m", "worker", *arguments]
         self.metrics_port = metrics_port
-        self.environ = dict(os.environ if environ is None else environ)
         self.members = [_Member(index) for index in range(count)]
         self._stop = threading.Event()
 
@@ -134,12 +127,8 @@ class Supervisor:
             self._stop.wait(POLL)
         return self._wait_all(0)
 
-    def pids(self) -> list[int]:
-        """The live members' PIDs (for tests and operators)."""
-        return [m.process.pid for m in self.members if m.process is not None and m.process.poll() is None]
-
     def _start(self, member: _Member) -> None:
-        env = member_environment(self.environ, member.index, self.metrics_port)
+        env = member_environment(os.environ, member.index, self.metrics_port)
         member.process = subprocess.Popen(self.command, env=env)
         member.started = time.monotonic()
         member.restart_at = None
@@ -164,9 +153,9 @@ class Supervisor:
         return worst
 
 
-def watch_supervisor(stop: Callable[[], None], environ: Mapping[str, str] | None = None) -> None:
+def watch_supervisor(stop: Callable[[], None]) -> None:
     """In a member: call `stop` once if its supervisor dies (the member is re-parented)."""
-    supervisor = (os.environ if environ is None else environ).get(SUPERVISOR_ENV)
+    supervisor = os.environ.get(SUPERVISOR_ENV)
     if not supervisor:
         return
     parent = int(supervisor)
