@@ -519,6 +519,14 @@ def wait_caught_up(settings: Config, role: str, topic: str, end: dict[int, int],
     return lag
 
 
+def lag_once_read(settings: Config, role: str, topic: str, each: Callable[[Message], object]) -> dict[int, int]:
+    """`each` for every record of `topic`, read at least as far as `role`'s group has committed
+    (records that certainly exist: quiet alone can end a read early, `scan`), then the group's lag
+    against what was read, once it has caught up or DRAIN_TIMEOUT has passed."""
+    floor = committed(settings, role, topic)
+    return wait_caught_up(settings, role, topic, scan(settings, topic, each, floor=floor), DRAIN_TIMEOUT)
+
+
 def wait_quiet(standins: Standins, destination: str, quiet: float = 2.0, timeout: float = 60.0) -> None:
     """Until the stand-in's count, duplicates and requests have not changed for `quiet` seconds."""
     deadline = time.monotonic() + timeout
@@ -726,16 +734,11 @@ def check(
         problems.append("the collector is not alive")
 
     # The normaliser's group at the end of segment.raw, then each sink's at the end of its topic.
-    # Read at least as far as the group committed, as for each sink below: right after a soak, while
-    # the sinks still drain, a first fetch of segment.raw from its start (gigabytes, off disk) can
-    # take longer than the read's quiet time, and a read that ended with nothing made the lag look
-    # negative (the 2026-12-03 Apache Kafka soak).
-    raw_floor = committed(settings, NORMALIZE, "raw")
-    lag = {
-        NORMALIZE: wait_caught_up(
-            settings, NORMALIZE, "raw", scan(settings, "raw", bool, floor=raw_floor), DRAIN_TIMEOUT
-        )
-    }
+    # Each read goes at least as far as the group committed: right after a soak, while the sinks
+    # still drain, a first fetch of segment.raw from its start (gigabytes, off disk) can take longer
+    # than the read's quiet time, and a read that ended with nothing made the lag look negative
+    # (the 2026-12-03 Apache Kafka soak).
+    lag = {NORMALIZE: lag_once_read(settings, NORMALIZE, "raw", bool)}
     dead_raw = read_all(settings, "dlq.raw")
     dead_raw_ids = {m.group(1).decode() for message in dead_raw if (m := MESSAGE_ID.search(message.value() or b""))}
     last_identify: dict[str, int] = {}
@@ -748,15 +751,7 @@ def check(
     missing: set[str] = set()  # sent events absent from some dest topic
     for destination in DESTINATIONS:
         topic = DestTopic(settings.destination(destination, require_key=False), traffic)  # pure mapping: no key
-        # Read at least as far as the sink's group committed: those records exist.
-        floor = committed(settings, sink_role(destination), f"dest.{destination}")
-        lag[destination] = wait_caught_up(
-            settings,
-            sink_role(destination),
-            f"dest.{destination}",
-            scan(settings, f"dest.{destination}", topic.add, floor=floor),
-            DRAIN_TIMEOUT,
-        )
+        lag[destination] = lag_once_read(settings, sink_role(destination), f"dest.{destination}", topic.add)
         passed_on |= topic.unsent
         problems += check_destination(
             settings, standins, destination, topic, traffic, dead_raw_ids, last_identify, summary, statuses, missing
